@@ -1,0 +1,60 @@
+"""Cross-rank gathering for global negatives under ``torch.distributed`` (one helper used by every loss)."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums the incoming gradients over ranks and returns this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
+        dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
+        sizes_list = [int(s.item()) for s in sizes]
+        if len(set(sizes_list)) != 1:
+            raise ValueError(f"all ranks must have the same batch size to gather, got {sizes_list}; use drop_last=True")
+        out = [torch.empty_like(x) for _ in sizes_list]
+        dist.all_gather(out, x.contiguous())
+        ctx.rank, ctx.n = dist.get_rank(), x.shape[0]
+        return torch.cat(out, 0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from every rank along dim 0 (rank order); gradients flow back to each rank's own rows.
+
+    With a single process this returns ``x`` itself. The backward all-reduces, so every rank must compute a loss
+    that depends on the gathered tensor (the usual DDP contract); the result equals the gradient of the global loss
+    divided by nothing extra, i.e. ``sum over ranks`` of each rank's local-loss gradient.
+    """
+    if not is_distributed():
+        return x
+    return _AllGatherWithGrad.apply(x)
+
+
+def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` (labels, ids) from every rank along dim 0 without gradient."""
+    if not is_distributed():
+        return x
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out, 0)
