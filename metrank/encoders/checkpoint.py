@@ -1,0 +1,74 @@
+"""Checkpoints of ``RetrievalModel``: ``{"config", "state_dict", "extra"}`` written atomically, read back with
+``torch.load(weights_only=True)`` and rebuilt offline from ``config`` (no pretrained weights are fetched: every
+weight, the pretrained backbones included, comes from the checkpoint)."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Tuple, Union
+
+import torch
+
+from metrank.encoders.factory import create_model
+from metrank.encoders.model import RetrievalModel
+
+FORMAT = "metrank.encoder.v1"
+_SAFE_SCALARS = (str, int, float, bool, type(None), torch.Tensor)
+
+
+def _check_safe(value: Any, where: str) -> None:
+    """Raise ``ValueError`` unless ``value`` loads with ``torch.load(weights_only=True)``."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_safe(key, where)
+            _check_safe(item, f"{where}[{key!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_safe(item, f"{where}[{i}]")
+    elif not isinstance(value, _SAFE_SCALARS):
+        raise ValueError(f"checkpoint entry {where} is a {type(value).__name__}; only tensors, numbers, strings, "
+                         "lists and dicts can be stored (they must load with weights_only=True)")
+
+
+def save_checkpoint(path: Union[str, os.PathLike], model: RetrievalModel, **extra: Any) -> Path:
+    """Write ``model`` (config + state dict) and ``extra`` (epoch, metrics, ...) to ``path`` atomically."""
+    _check_safe(model.config, "config")
+    _check_safe(extra, "extra")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": FORMAT, "config": model.config, "state_dict": model.state_dict(), "extra": extra}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path
+
+
+def read_checkpoint(path: Union[str, os.PathLike], map_location: str = "cpu") -> Dict[str, Any]:
+    """The raw checkpoint dict (``config``, ``state_dict``, ``extra``), checked for the metrank format."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    payload = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{str(path)!r} is not a metrank encoder checkpoint (written by save_checkpoint)")
+    return payload
+
+
+def load_checkpoint(path: Union[str, os.PathLike], map_location: str = "cpu", with_extra: bool = False
+                    ) -> Union[RetrievalModel, Tuple[RetrievalModel, Dict[str, Any]]]:
+    """Rebuild the model saved at ``path`` (architecture from its config, weights from its state dict).
+
+    Returns the model in eval mode, or ``(model, extra)`` with ``with_extra=True``.
+    """
+    payload = read_checkpoint(path, map_location)
+    config = payload["config"]
+    model = create_model(config["name"], pretrained=False, **config["kwargs"])
+    model.load_state_dict(payload["state_dict"])
+    model.eval()
+    return (model, payload["extra"]) if with_extra else model

@@ -1,0 +1,319 @@
+"""A FAISS index with 64-bit ids, batched search, atomic save/load and automatic GPU use.
+
+``create_index(spec, dim)`` takes a FAISS factory string ("Flat", "IVF1024,Flat", "HNSW32", "IVF256,PQ16", ...) or
+a short name from ``INDEX_SPECS`` ("flat", "ivf_flat", "hnsw", "ivf_pq"). Ids are 64-bit integers chosen by the
+caller (or numbered on from the largest id so far): IVF indexes store them natively, every other index is wrapped in
+``faiss.IndexIDMap2`` (IVF is not, because ``IndexIDMap.remove_ids`` assumes the inner index renumbers its entries in
+order after a removal, which inverted lists do not do).
+
+The CPU index is always the master copy. When FAISS sees GPUs (``device="auto"``) a GPU clone made with
+``faiss.index_cpu_to_all_gpus`` (sharded or replicated over all GPUs, ``GpuMultipleClonerOptions.shard``) answers
+searches; it is rebuilt lazily after ``add``/``remove_ids``/parameter changes. Searches asking for more neighbours
+than the GPU k-selection supports (``k > GPU_MAX_K``) and index types FAISS cannot put on a GPU (HNSW, PQ) are
+answered by the CPU copy.
+
+Scores: inner products for ``metric="ip"`` (higher is better), squared L2 distances for ``metric="l2"`` (lower is
+better). Result slots past the number of stored items hold id -1 and score -inf (ip) or +inf (l2).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from typing import Optional, Tuple, Union
+
+import faiss
+import numpy as np
+import torch
+
+from metrank.registry import Registry
+from metrank.validation import check_embeddings
+
+Array = Union[np.ndarray, torch.Tensor]
+
+METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
+GPU_MAX_K = 2048  # largest k (and nprobe) the FAISS GPU k-selection supports
+
+INDEX_SPECS: Registry[str] = Registry("index type")
+
+
+@INDEX_SPECS.register("flat")
+def flat_spec(dim: int) -> str:
+    """Exact search (brute force)."""
+    return "Flat"
+
+
+@INDEX_SPECS.register("ivf_flat")
+def ivf_flat_spec(dim: int, nlist: int = 1024) -> str:
+    """Inverted file with ``nlist`` k-means cells; full vectors stored (needs ``train``)."""
+    return f"IVF{nlist},Flat"
+
+
+@INDEX_SPECS.register("hnsw")
+def hnsw_spec(dim: int, m: int = 32) -> str:
+    """HNSW graph with ``m`` links per node (no training; no removal)."""
+    return f"HNSW{m}"
+
+
+@INDEX_SPECS.register("ivf_pq")
+def ivf_pq_spec(dim: int, nlist: int = 1024, m: Optional[int] = None) -> str:
+    """Inverted file + product quantisation, ``m`` bytes per vector (default: the largest divisor of ``dim`` that is
+    at most ``min(64, dim // 4)``, i.e. 64 bytes for 512-d) - for galleries that do not fit in memory."""
+    if m is None:
+        m = max(d for d in range(1, max(1, min(64, dim // 4)) + 1) if dim % d == 0)
+    return f"IVF{nlist},PQ{m}"
+
+
+def _as_float32(x: Array, name: str, dim: Optional[int] = None) -> np.ndarray:
+    check_embeddings(x, name, dim)
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _as_ids(ids: Array, n: int) -> np.ndarray:
+    if isinstance(ids, torch.Tensor):
+        ids = ids.detach().cpu().numpy()
+    ids = np.asarray(ids)
+    if ids.ndim != 1 or ids.shape[0] != n:
+        raise ValueError(f"ids must be 1-D with one id per vector ({n}), got shape {ids.shape}")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"ids must have an integer dtype, got {ids.dtype}")
+    if n and ids.min() < 0:
+        raise ValueError("ids must be non-negative (-1 marks empty result slots)")
+    if np.unique(ids).size != n:
+        raise ValueError("ids contain duplicates; every vector needs its own id")
+    return np.ascontiguousarray(ids, dtype=np.int64)
+
+
+def _inner(index: faiss.Index) -> faiss.Index:
+    """The index inside IDMap / pre-transform wrappers (the one that holds the vectors)."""
+    index = faiss.downcast_index(index)
+    while hasattr(index, "index") and isinstance(getattr(index, "index"), faiss.Index):
+        index = faiss.downcast_index(index.index)
+    return index
+
+
+class Index:
+    """A FAISS index (see the module docstring). Build with ``create_index`` or ``Index.load``."""
+
+    def __init__(self, index: faiss.Index, spec: str = "", device: str = "auto", gpu_mode: str = "shard") -> None:
+        if device not in ("auto", "cpu", "gpu"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'gpu', got {device!r}")
+        if gpu_mode not in ("shard", "replicate"):
+            raise ValueError(f"gpu_mode must be 'shard' or 'replicate', got {gpu_mode!r}")
+        n_gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+        if device == "gpu" and n_gpus == 0:
+            raise ValueError("device='gpu' but FAISS sees no GPU (is faiss-gpu installed?); use device='cpu' or 'auto'")
+        self._cpu = index
+        self.spec = spec or type(_inner(index)).__name__
+        self.use_gpu = device != "cpu" and n_gpus > 0
+        self.gpu_mode = gpu_mode
+        self._gpu: Optional[faiss.Index] = None
+        self._next_id: Optional[int] = None
+
+    # ---- properties -------------------------------------------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        return self._cpu.d
+
+    @property
+    def ntotal(self) -> int:
+        return int(self._cpu.ntotal)
+
+    @property
+    def metric(self) -> str:
+        return "ip" if self._cpu.metric_type == faiss.METRIC_INNER_PRODUCT else "l2"
+
+    @property
+    def is_trained(self) -> bool:
+        return bool(self._cpu.is_trained)
+
+    @property
+    def nprobe(self) -> int:
+        return self._ivf("nprobe").nprobe
+
+    @nprobe.setter
+    def nprobe(self, value: int) -> None:
+        self._ivf("nprobe").nprobe = int(value)
+        self._gpu = None
+
+    @property
+    def efSearch(self) -> int:
+        return self._hnsw().efSearch
+
+    @efSearch.setter
+    def efSearch(self, value: int) -> None:
+        self._hnsw().efSearch = int(value)
+
+    def _ivf(self, what: str) -> faiss.IndexIVF:
+        ivf = faiss.try_extract_index_ivf(self._cpu)
+        if ivf is None:
+            raise ValueError(f"{what} applies to IVF indexes only; this index is {self.spec!r}")
+        return ivf
+
+    def _hnsw(self) -> faiss.HNSW:
+        inner = _inner(self._cpu)
+        if not hasattr(inner, "hnsw"):
+            raise ValueError(f"efSearch applies to HNSW indexes only; this index is {self.spec!r}")
+        return inner.hnsw
+
+    def __repr__(self) -> str:
+        where = f"gpu:{self.gpu_mode}" if self.use_gpu else "cpu"
+        return f"Index({self.spec!r}, dim={self.dim}, metric={self.metric!r}, ntotal={self.ntotal}, device={where})"
+
+    # ---- building ---------------------------------------------------------------------------------------------
+    def train(self, x: Array, max_train: Optional[int] = 100_000, seed: int = 0) -> "Index":
+        """Train IVF centroids / PQ codebooks on at most ``max_train`` rows drawn at random from ``x``."""
+        x = _as_float32(x, "training vectors", self.dim)
+        if max_train is not None and x.shape[0] > max_train:
+            x = x[np.sort(np.random.default_rng(seed).choice(x.shape[0], max_train, replace=False))]
+        try:
+            self._cpu.train(x)
+        except RuntimeError as err:  # e.g. fewer training points than IVF cells
+            raise ValueError(f"training {self.spec!r} on {x.shape[0]} vectors failed: {err}") from None
+        self._gpu = None
+        return self
+
+    def _require_trained(self, action: str) -> None:
+        if not self._cpu.is_trained:
+            raise ValueError(f"index {self.spec!r} must be trained before {action}: call index.train(x) first "
+                             "with a representative sample (e.g. at least 39 vectors per IVF cell)")
+
+    def add(self, x: Array, ids: Optional[Array] = None) -> np.ndarray:
+        """Add vectors; ``ids`` default to consecutive numbers after the largest id so far. Returns the ids."""
+        x = _as_float32(x, "vectors", self.dim)
+        self._require_trained("add")
+        if ids is None:
+            ids = np.arange(self._max_id() + 1, self._max_id() + 1 + x.shape[0], dtype=np.int64)
+        else:
+            ids = _as_ids(ids, x.shape[0])
+        self._cpu.add_with_ids(x, ids)
+        self._next_id = max(self._max_id(), int(ids.max())) + 1
+        self._gpu = None
+        return ids
+
+    def _max_id(self) -> int:
+        """Largest stored id (-1 when empty); computed once from the index, then tracked by ``add``."""
+        if self._next_id is None:
+            self._next_id = int(self._stored_ids().max(initial=-1)) + 1
+        return self._next_id - 1
+
+    def _stored_ids(self) -> np.ndarray:
+        ivf = faiss.try_extract_index_ivf(self._cpu)
+        if ivf is not None:
+            lists = ivf.invlists
+            parts = [faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy()
+                     for i in range(lists.nlist) if lists.list_size(i)]
+            return np.concatenate(parts) if parts else np.empty(0, np.int64)
+        index = faiss.downcast_index(self._cpu)
+        if hasattr(index, "id_map"):
+            return faiss.vector_to_array(index.id_map)
+        return np.arange(self.ntotal, dtype=np.int64)
+
+    def remove_ids(self, ids: Array) -> int:
+        """Remove the given ids (unknown ids are ignored); returns how many vectors were removed."""
+        if isinstance(ids, torch.Tensor):
+            ids = ids.detach().cpu().numpy()
+        ids = np.ascontiguousarray(np.atleast_1d(np.asarray(ids)))
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"ids must have an integer dtype, got {ids.dtype}")
+        try:
+            removed = int(self._cpu.remove_ids(ids.astype(np.int64)))
+        except RuntimeError as err:
+            raise ValueError(f"index {self.spec!r} does not support removal ({err.args[0].splitlines()[-1]}); "
+                             "rebuild it without those vectors or use a Flat/IVF index") from None
+        self._gpu = None
+        return removed
+
+    # ---- searching --------------------------------------------------------------------------------------------
+    def _searcher(self, k: int) -> faiss.Index:
+        if not self.use_gpu or k > GPU_MAX_K:
+            return self._cpu
+        if self._gpu is None:
+            options = faiss.GpuMultipleClonerOptions()
+            options.shard = self.gpu_mode == "shard"
+            try:
+                self._gpu = faiss.index_cpu_to_all_gpus(self._cpu, co=options)
+            except RuntimeError as err:  # index type not implemented on GPU (HNSW, PQ, ...)
+                warnings.warn(f"{self.spec!r} cannot run on GPU ({err.args[0].splitlines()[-1]}); searching on CPU")
+                self.use_gpu = False
+                return self._cpu
+        return self._gpu
+
+    def search(self, q: Array, k: int, batch_size: int = 16384) -> Tuple[np.ndarray, np.ndarray]:
+        """The ``k`` best items for each query: (scores float32 [n, k], ids int64 [n, k]), best first."""
+        q = _as_float32(q, "queries", self.dim)
+        if not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        self._require_trained("search")
+        scores = np.empty((q.shape[0], k), np.float32)
+        ids = np.empty((q.shape[0], k), np.int64)
+        searcher = self._searcher(int(k))
+        for start in range(0, q.shape[0], batch_size):
+            stop = start + batch_size
+            scores[start:stop], ids[start:stop] = searcher.search(q[start:stop], int(k))
+        scores[ids < 0] = -np.inf if self.metric == "ip" else np.inf
+        return scores, ids
+
+    # ---- persistence ------------------------------------------------------------------------------------------
+    def save(self, path: str) -> None:
+        """Write the (CPU) index atomically: a temporary file in the same folder, then ``os.replace``."""
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+        os.close(fd)
+        try:
+            faiss.write_index(self._cpu, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path: str, device: str = "auto", gpu_mode: str = "shard") -> "Index":
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no index file at {path!r}")
+        index = faiss.read_index(path)
+        if index.ntotal == 0 and faiss.try_extract_index_ivf(index) is None and not hasattr(
+                faiss.downcast_index(index), "id_map"):
+            index = faiss.IndexIDMap2(index)
+        return cls(index, device=device, gpu_mode=gpu_mode)
+
+    def memory_bytes(self) -> int:
+        """Size of the serialised index (vectors/codes, ids, centroids, graph), counted without copying it; the
+        in-memory footprint is the same up to small allocator overheads."""
+        counter = [0]
+        faiss.write_index(self._cpu, faiss.PyCallbackIOWriter(lambda chunk: counter.__setitem__(0, counter[0] + len(chunk))))
+        return counter[0]
+
+
+def create_index(spec: str = "Flat", dim: Optional[int] = None, metric: str = "ip", device: str = "auto",
+                 gpu_mode: str = "shard", **spec_kwargs) -> Index:
+    """Build an empty index from a FAISS factory string or a short name (``INDEX_SPECS``: flat, ivf_flat, hnsw,
+    ivf_pq; ``spec_kwargs`` such as ``nlist``/``m`` go to the short name's builder).
+
+    >>> index = create_index("ivf_flat", dim=512, nlist=256)
+    >>> index.train(x); index.add(x, ids); scores, ids = index.search(q, k=10)
+    """
+    if dim is None or not isinstance(dim, (int, np.integer)) or dim < 1:
+        raise ValueError(f"dim must be a positive integer, got {dim!r}")
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {sorted(METRICS)}, got {metric!r}")
+    if spec in INDEX_SPECS:
+        factory = INDEX_SPECS.create(spec, dim=int(dim), **spec_kwargs)
+    elif spec_kwargs:
+        raise ValueError(f"options {sorted(spec_kwargs)} only apply to the short names {INDEX_SPECS.names()}")
+    else:
+        factory = spec
+    if factory.split(",")[0].startswith("IDMap"):
+        raise ValueError("leave out the IDMap prefix: every index already takes 64-bit ids")
+    try:
+        index = faiss.index_factory(int(dim), factory, METRICS[metric])
+    except RuntimeError as err:
+        raise ValueError(f"invalid index spec {spec!r}: not a short name ({', '.join(INDEX_SPECS.names())}) nor a "
+                         f"FAISS factory string FAISS accepts ({err.args[0].splitlines()[-1]})") from None
+    if faiss.try_extract_index_ivf(index) is None:
+        index = faiss.IndexIDMap2(index)
+    return Index(index, spec=factory, device=device, gpu_mode=gpu_mode)

@@ -1,0 +1,197 @@
+"""CPRD - contrastive partial ranking distillation - and the logit (KL) distillation baseline.
+
+Chen et al., "How to Make Cross Encoder a Good Teacher for Efficient Image-Text Retrieval?", CVPR 2024.
+
+A dual-encoder student learns the order a (cross-encoder) teacher gives to the student's *hard* negatives. Per
+query (each image for image->text, each text for text->image) of a paired batch:
+
+1. mine the K hardest in-batch negatives by student similarity (rows sharing the query's id are never negatives);
+2. the teacher scores the K pairs and the true pair; sort the negatives by teacher score, c_1 > ... > c_K;
+3. keep the *valid prefix*: drop negatives the teacher scores as matches (score >= the true pair's score, or
+   >= ``fn_threshold``), then stop at the first consecutive teacher gap below ``min_gap`` (the teacher order is no
+   longer informative) and after ``max_length`` negatives;
+4. chain of contrastive terms over the J kept negatives, sharing the InfoNCE temperature tau:
+   ``L_q = -sum_{j<J} log( exp(s_{c_j}/tau) / sum_{k>=j} exp(s_{c_k}/tau) )``.
+
+``L = L_itc + lam * L_cprd`` with L_cprd the mean of L_q over all queries of both directions (queries with fewer
+than two kept negatives contribute 0). :class:`LogitDistillationLoss` replaces step 3-4 by
+``KL(softmax(t/tau_t) || softmax(s/tau))`` over the same K candidates.
+
+Paired form: ``loss(image_emb, text_emb, ids, images=None, texts=None, text_ids=None)``; row i of the two
+embedding matrices is a matching pair, ``ids`` the image id of each row, ``images``/``texts`` the teacher's inputs
+for the same rows (anything :func:`metrank.teachers.take_rows` indexes), ``text_ids`` the caption id of each row
+(needed only for a :class:`metrank.teachers.CachedTeacher`, which caches by (image id, text id)). Teacher scores
+are computed without gradient; the teacher is not a submodule of the loss (its parameters stay out of
+``loss.parameters()``). The distillation term uses this rank's batch only; the InfoNCE term handles DDP itself.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from metrank.losses import LOSSES
+from metrank.losses.cross_modal import CrossModalLoss, check_pairs
+from metrank.losses.infonce import InfoNCELoss
+from metrank.miners import create_miner
+from metrank.teachers import CachedTeacher, Teacher, take_rows
+
+_FILL = -1e9  # finite stand-in for -inf: keeps masked log-sum-exp gradients free of NaN
+
+
+def valid_prefix(teacher_sorted: torch.Tensor, teacher_pos: torch.Tensor, fn_threshold: Optional[float] = None,
+                 min_gap: float = 0.0, max_length: Optional[int] = None) -> torch.Tensor:
+    """Mask [n, K] of the kept negatives given teacher scores sorted descending per row (step 3 of the module doc).
+
+    A negative is a false negative when its teacher score is >= the true pair's score ``teacher_pos`` or >= ``fn_threshold``; the kept
+    run starts after them and ends before the first gap ``t_j - t_{j+1} < min_gap`` and after ``max_length`` items.
+    """
+    false_neg = teacher_sorted >= teacher_pos[:, None]
+    if fn_threshold is not None:
+        false_neg |= teacher_sorted >= fn_threshold
+    keep = ~false_neg
+    gaps = teacher_sorted[:, :-1] - teacher_sorted[:, 1:]
+    # the run breaks after position j when the next item is too close to it
+    breaks = F.pad(gaps < min_gap, (0, 1), value=True)
+    started = keep.cumsum(1) > 0
+    ended_before = F.pad((breaks & keep).cumsum(1)[:, :-1] > 0, (1, 0), value=False)
+    keep = keep & started & ~ended_before
+    if max_length is not None:
+        keep &= keep.cumsum(1) <= max_length
+    return keep
+
+
+def ranking_chain(student_sorted: torch.Tensor, keep: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Per-row ``-sum_{j<J} log(exp(s_j/tau) / sum_{k>=j} exp(s_k/tau))`` over the kept (contiguous) positions."""
+    logits = (student_sorted / temperature).masked_fill(~keep, _FILL)
+    tail_lse = logits.flip(1).logcumsumexp(1).flip(1)
+    return ((tail_lse - logits) * keep).sum(1)
+
+
+class _HardNegativeDistillation(nn.Module):
+    """Shared part of CPRD and logit distillation: InfoNCE + mining + teacher scoring; subclasses define
+    ``distill(student [n, K], teacher [n, K], teacher_pos [n]) -> per-query loss [n]``."""
+
+    def __init__(self, teacher: Teacher, k: int, lam: float, itc: Optional[nn.Module],
+                 temperature: Optional[float]) -> None:
+        super().__init__()
+        if k < 1:
+            raise ValueError(f"k (hard negatives per query) must be >= 1, got {k}")
+        if temperature is not None and temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.__dict__["teacher"] = teacher  # not a submodule: the student optimiser must not see its parameters
+        self.k, self.lam, self.temperature = k, lam, temperature
+        self.itc = CrossModalLoss(InfoNCELoss()) if itc is None else itc
+        infonce = next((m for m in self.itc.modules() if isinstance(m, InfoNCELoss)), None)
+        self.__dict__["_infonce"] = infonce  # a view into self.itc, not a second submodule
+        if temperature is None and infonce is None:
+            raise ValueError("itc holds no InfoNCELoss to share the temperature with; pass temperature=")
+        self.miner = create_miner("topk_hardest", k=k)
+
+    def student_temperature(self) -> float:
+        """The fixed ``temperature`` or the InfoNCE module's current one (1 / logit scale, detached)."""
+        if self.temperature is not None:
+            return self.temperature
+        return 1.0 / float(self._infonce.scale)
+
+    def forward(self, image_emb: torch.Tensor, text_emb: torch.Tensor, ids: torch.Tensor, images: Any = None,
+                texts: Any = None, text_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        check_pairs(image_emb, text_emb, ids)
+        if images is None or texts is None:
+            raise ValueError("the teacher needs its inputs: pass images= and texts= (one row per batch item)")
+        if isinstance(self.teacher, CachedTeacher) and text_ids is None:
+            raise ValueError("a CachedTeacher caches by (image id, text id): pass text_ids= (caption id per row)")
+        itc = self.itc(image_emb, text_emb, ids)
+        return itc + self.lam * self.distillation(image_emb, text_emb, ids, images, texts, text_ids)
+
+    def distillation(self, image_emb: torch.Tensor, text_emb: torch.Tensor, ids: torch.Tensor, images: Any,
+                     texts: Any, text_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The distillation term alone, averaged over the queries of both directions."""
+        ids = ids.to(image_emb.device)
+        dtype = torch.promote_types(image_emb.dtype, torch.float32)
+        sim = image_emb.to(dtype) @ text_emb.to(dtype).T
+        n = sim.shape[0]
+        rows = torch.arange(n, device=sim.device)
+        kk = self.k
+        i2t = self.miner(image_emb, ids, ref_emb=text_emb, ref_labels=ids)[1].view(n, kk)
+        t2i = self.miner(text_emb, ids, ref_emb=image_emb, ref_labels=ids)[1].view(n, kk)
+        # one teacher call for the n true pairs and the 2 n K candidate pairs: (image row, text row)
+        image_rows = torch.cat([rows, rows.repeat_interleave(kk), t2i.flatten()])
+        text_rows = torch.cat([rows, i2t.flatten(), rows.repeat_interleave(kk)])
+        scores = self._teacher_scores(images, texts, image_rows, text_rows, ids, text_ids).to(sim.device)
+        pos, t_i2t, t_t2i = scores[:n], scores[n:n + n * kk].view(n, kk), scores[n + n * kk:].view(n, kk)
+        per_query = torch.cat([self.distill(sim.gather(1, i2t), t_i2t, pos),
+                               self.distill(sim.T.gather(1, t2i), t_t2i, pos)])
+        return per_query.mean()
+
+    def _teacher_scores(self, images: Any, texts: Any, image_rows: torch.Tensor, text_rows: torch.Tensor,
+                        ids: torch.Tensor, text_ids: Optional[torch.Tensor]) -> torch.Tensor:
+        """Teacher scores of the pairs (images[image_rows[p]], texts[text_rows[p]]), each distinct pair scored once."""
+        pairs, inverse = torch.stack([image_rows, text_rows], 1).cpu().unique(dim=0, return_inverse=True)
+        with torch.no_grad():
+            if isinstance(self.teacher, CachedTeacher):
+                keys = torch.stack([ids.cpu()[pairs[:, 0]], text_ids.cpu()[pairs[:, 1]]], 1)
+                scores = self.teacher(images, texts, keys, pairs[:, 0], pairs[:, 1])
+            else:
+                scores = self.teacher(take_rows(images, pairs[:, 0]), take_rows(texts, pairs[:, 1]))
+        if scores.shape != (len(pairs),):
+            raise ValueError(f"the teacher must return one score per pair, shape ({len(pairs)},), got "
+                             f"{tuple(scores.shape)}")
+        if not torch.isfinite(scores).all():
+            raise ValueError("the teacher returned NaN or inf scores")
+        return scores.detach().to(torch.promote_types(scores.dtype, torch.float32))[inverse.to(scores.device)]
+
+    def distill(self, student: torch.Tensor, teacher: torch.Tensor, teacher_pos: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@LOSSES.register("cprd")
+class CPRDLoss(_HardNegativeDistillation):
+    """InfoNCE + contrastive partial ranking distillation of the teacher's order of the K hardest negatives.
+
+    ``L = L_itc + lam * L_cprd`` (Chen et al., CVPR 2024; formula and paired calling form in the module doc).
+
+    Args:
+        teacher: scores (image, text) pairs, see :class:`metrank.teachers.Teacher`.
+        k: hard negatives mined per query. lam: weight of the ranking term.
+        itc: the paired contrastive loss ``itc(image_emb, text_emb, ids)``; default
+            ``CrossModalLoss(InfoNCELoss())`` (CLIP loss, learnable temperature shared with the chain, DDP-aware).
+        temperature: fixed chain temperature instead of the InfoNCE one.
+        fn_threshold, min_gap, max_length: the valid-prefix rule (:func:`valid_prefix`).
+    """
+
+    def __init__(self, teacher: Teacher, k: int = 8, lam: float = 1.0, itc: Optional[nn.Module] = None,
+                 temperature: Optional[float] = None, fn_threshold: Optional[float] = None, min_gap: float = 0.0,
+                 max_length: Optional[int] = None) -> None:
+        super().__init__(teacher, k, lam, itc, temperature)
+        if min_gap < 0:
+            raise ValueError(f"min_gap must be >= 0, got {min_gap}")
+        if max_length is not None and max_length < 2:
+            raise ValueError(f"max_length must be >= 2 (a chain needs two negatives) or None, got {max_length}")
+        self.fn_threshold, self.min_gap, self.max_length = fn_threshold, min_gap, max_length
+
+    def distill(self, student: torch.Tensor, teacher: torch.Tensor, teacher_pos: torch.Tensor) -> torch.Tensor:
+        order = teacher.argsort(1, descending=True)
+        keep = valid_prefix(teacher.gather(1, order), teacher_pos, self.fn_threshold, self.min_gap, self.max_length)
+        return ranking_chain(student.gather(1, order), keep, self.student_temperature())
+
+
+@LOSSES.register("logit_kd")
+class LogitDistillationLoss(_HardNegativeDistillation):
+    """InfoNCE + logit distillation baseline: ``KL(softmax(t / teacher_temperature) || softmax(s / tau))`` per query
+    over the same K hardest negatives CPRD uses (teacher scores t, student similarities s, tau the InfoNCE
+    temperature); ``L = L_itc + lam * L_kd``. No T^2 factor."""
+
+    def __init__(self, teacher: Teacher, k: int = 8, lam: float = 1.0, itc: Optional[nn.Module] = None,
+                 temperature: Optional[float] = None, teacher_temperature: float = 1.0) -> None:
+        super().__init__(teacher, k, lam, itc, temperature)
+        if teacher_temperature <= 0:
+            raise ValueError(f"teacher_temperature must be > 0, got {teacher_temperature}")
+        self.teacher_temperature = teacher_temperature
+
+    def distill(self, student: torch.Tensor, teacher: torch.Tensor, teacher_pos: torch.Tensor) -> torch.Tensor:
+        log_p_teacher = (teacher / self.teacher_temperature).log_softmax(1)
+        log_p_student = (student / self.student_temperature()).log_softmax(1)
+        return (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(1)

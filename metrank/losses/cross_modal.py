@@ -1,0 +1,68 @@
+"""Symmetric image↔text form of any PML-convention loss, with global negatives under DDP."""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from torch import nn
+
+from metrank.distributed import all_gather_no_grad, all_gather_with_grad
+from metrank.losses.base import check_choice
+from metrank.validation import check_embeddings, check_labels
+
+
+def check_pairs(image_emb: torch.Tensor, text_emb: torch.Tensor, ids: torch.Tensor) -> None:
+    """Row ``i`` of ``image_emb`` and ``text_emb`` is a matching pair with id ``ids[i]``."""
+    check_embeddings(image_emb, "image_emb")
+    check_embeddings(text_emb, "text_emb", dim=image_emb.shape[1])
+    if text_emb.shape[0] != image_emb.shape[0]:
+        raise ValueError(f"image_emb has {image_emb.shape[0]} rows but text_emb has {text_emb.shape[0]}; "
+                         "row i of both must be a matching pair")
+    if not isinstance(ids, torch.Tensor):
+        raise ValueError(f"ids must be a torch tensor, got {type(ids).__name__}")
+    check_labels(ids, image_emb.shape[0], "ids")
+
+
+def gather_pairs(image_emb: torch.Tensor, text_emb: torch.Tensor,
+                 ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """All ranks' embeddings (with gradient back to the owning rank) and ids; identity without DDP."""
+    return all_gather_with_grad(image_emb), all_gather_with_grad(text_emb), all_gather_no_grad(ids)
+
+
+def symmetric_loss(loss: nn.Module, image_emb: torch.Tensor, text_emb: torch.Tensor, ids: torch.Tensor,
+                   image_ref: torch.Tensor, text_ref: torch.Tensor, ref_ids: torch.Tensor,
+                   combine: str = "mean") -> torch.Tensor:
+    """``loss(img → text_ref) ⊕ loss(text → image_ref)`` with ``⊕`` = half-sum (``"mean"``) or sum."""
+    i2t = loss(image_emb, ids, ref_emb=text_ref, ref_labels=ref_ids)
+    t2i = loss(text_emb, ids, ref_emb=image_ref, ref_labels=ref_ids)
+    return 0.5 * (i2t + t2i) if combine == "mean" else i2t + t2i
+
+
+class CrossModalLoss(nn.Module):
+    """Turn a one-directional PML-convention loss into the paired symmetric image↔text loss.
+
+    ``forward(image_emb, text_emb, ids) = ½[loss(img, ids, ref_emb=txt_g, ref_labels=ids_g)
+    + loss(txt, ids, ref_emb=img_g, ref_labels=ids_g)]`` (``combine="sum"`` drops the ½). Rows sharing an id (several
+    captions of one image) are positives of each other, never false negatives. Under ``torch.distributed`` the
+    reference side ``*_g`` is every rank's batch (:func:`metrank.distributed.all_gather_with_grad`) while anchors stay
+    local ("local loss" form): with equal per-rank batches and a mean-reduced loss, the mean of the rank losses is the
+    loss of the concatenated global batch and DDP's gradient averaging yields its gradient.
+
+    For CLIP's InfoNCE, ``CrossModalLoss(InfoNCELoss())`` is exactly ``½[CE(s·I·Tᵀ) + CE(s·T·Iᵀ)]``; for VSE++,
+    ``CrossModalLoss(HardNegativeLoss(reduction="sum"), combine="sum")`` is exactly Faghri et al.'s loss.
+    """
+
+    def __init__(self, loss: nn.Module, combine: str = "mean") -> None:
+        super().__init__()
+        self.loss = loss
+        self.combine = check_choice(combine, ("mean", "sum"), "combine")
+
+    def step(self) -> None:
+        """Forward a schedule step (e.g. :class:`HardNegativeLoss` warm-up) to the wrapped loss, if it has one."""
+        if hasattr(self.loss, "step"):
+            self.loss.step()
+
+    def forward(self, image_emb: torch.Tensor, text_emb: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        check_pairs(image_emb, text_emb, ids)
+        image_ref, text_ref, ref_ids = gather_pairs(image_emb, text_emb, ids)
+        return symmetric_loss(self.loss, image_emb, text_emb, ids, image_ref, text_ref, ref_ids, self.combine)

@@ -1,0 +1,100 @@
+"""Softmax cross-entropy over in-batch candidates: InfoNCE / CLIP and multiple negatives ranking."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from metrank.losses.base import (IndicesTuple, LossInputs, check_normalized, pair_masks, prepare_inputs,
+                                 similarity_matrix, zero_loss)
+from metrank.validation import check_embeddings
+
+
+def multi_positive_cross_entropy(logits: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    """Mean over positive pairs ``(i, p)`` of ``−log( e^{z_ip} / (e^{z_ip} + Σ_{n ∈ neg(i)} e^{z_in}) )``.
+
+    Each positive competes only with the negatives, so other positives of the same id are not false negatives
+    (PML's ``NTXentLoss`` definition); with one positive per row it is the usual cross-entropy with the diagonal
+    as target. Callers guarantee at least one positive pair.
+    """
+    a, p = pos.nonzero(as_tuple=True)
+    has_neg = neg.any(1)
+    rows = has_neg.nonzero().flatten()
+    neg_lse = logits.new_full((logits.shape[0],), float("-inf"))
+    neg_lse[rows] = torch.logsumexp(logits[rows].masked_fill(~neg[rows], float("-inf")), dim=1)
+    z_ap = logits[a, p]
+    return (torch.logaddexp(z_ap, neg_lse[a]) - z_ap).mean()
+
+
+def _forward_cross_entropy(inputs: LossInputs, indices_tuple: Optional[IndicesTuple], scale: torch.Tensor,
+                           extra_negatives: Optional[torch.Tensor] = None) -> torch.Tensor:
+    pos, neg = pair_masks(inputs, indices_tuple)
+    if not pos.any():
+        return zero_loss(inputs.embeddings, inputs.ref_emb, reason="no positive pair in the batch")
+    refs = inputs.ref_emb
+    if extra_negatives is not None:
+        refs = torch.cat([refs, extra_negatives])
+        pos = torch.cat([pos, pos.new_zeros(pos.shape[0], extra_negatives.shape[0])], dim=1)
+        neg = torch.cat([neg, neg.new_ones(neg.shape[0], extra_negatives.shape[0])], dim=1)
+    logits = scale * similarity_matrix(inputs.embeddings, refs)
+    return multi_positive_cross_entropy(logits, pos, neg)
+
+
+class InfoNCELoss(nn.Module):
+    """InfoNCE with a learnable logit scale (CLIP, Radford et al. 2021; van den Oord et al. 2018), one direction:
+    mean over positive pairs of ``−log softmax`` of ``s·S`` restricted to the pair and the anchor's negatives.
+
+    ``CrossModalLoss(InfoNCELoss())`` is CLIP's ``½[CE(s·I·Tᵀ) + CE(s·T·Iᵀ)]``. Positives are references with the
+    anchor's label/id, so duplicated images or captions in a batch are not pushed apart. The scale
+    ``s = exp(logit_scale)`` starts at ``1/temperature`` (1/0.07) and is capped at ``max_scale`` (100) in the forward
+    pass; with ``learnable=False`` it is a fixed buffer (then equal to PML's ``NTXentLoss(temperature)``). The
+    parameter lives in this module: give it to the optimiser (and, under DDP, keep the loss inside the wrapped
+    module so its gradient is averaged too).
+    """
+
+    def __init__(self, temperature: float = 0.07, learnable: bool = True, max_scale: float = 100.0) -> None:
+        super().__init__()
+        if temperature <= 0 or max_scale <= 0:
+            raise ValueError(f"temperature and max_scale must be > 0, got {temperature} and {max_scale}")
+        init = torch.tensor(math.log(1.0 / temperature))
+        if learnable:
+            self.logit_scale = nn.Parameter(init)
+        else:
+            self.register_buffer("logit_scale", init)
+        self.max_scale = float(max_scale)
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return self.logit_scale.exp().clamp(max=self.max_scale)
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, indices_tuple: Optional[IndicesTuple] = None,
+                ref_emb: Optional[torch.Tensor] = None, ref_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        inputs = prepare_inputs(embeddings, labels, ref_emb, ref_labels)
+        return _forward_cross_entropy(inputs, indices_tuple, self.scale.to(embeddings.dtype))
+
+
+class MultipleNegativesRankingLoss(nn.Module):
+    """Multiple negatives ranking loss (Henderson et al. 2017; sentence-transformers), one direction: cross-entropy
+    of ``scale·S`` (scale 20, i.e. temperature 0.05) from each anchor to its positive reference against all other
+    in-batch references, plus optional explicit ``hard_negatives`` rows that are negatives for every anchor.
+
+    Positives are the references sharing the anchor's label (use ``labels = arange(B)`` for plain pairs); other
+    positives are not counted as negatives.
+    """
+
+    def __init__(self, scale: float = 20.0) -> None:
+        super().__init__()
+        if scale <= 0:
+            raise ValueError(f"scale must be > 0, got {scale}")
+        self.scale = float(scale)
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, indices_tuple: Optional[IndicesTuple] = None,
+                ref_emb: Optional[torch.Tensor] = None, ref_labels: Optional[torch.Tensor] = None,
+                hard_negatives: Optional[torch.Tensor] = None) -> torch.Tensor:
+        inputs = prepare_inputs(embeddings, labels, ref_emb, ref_labels)
+        if hard_negatives is not None:
+            check_embeddings(hard_negatives, "hard_negatives", dim=embeddings.shape[1])
+            check_normalized(hard_negatives, "hard_negatives")
+        return _forward_cross_entropy(inputs, indices_tuple, embeddings.new_tensor(self.scale), hard_negatives)

@@ -1,0 +1,264 @@
+"""Training configuration: a dataclass schema filled from a YAML file plus ``key.sub=value`` overrides.
+
+Every key is checked against the schema, so a typo is an error naming the nearest valid key, and every value is
+checked against the field's type (values given on the command line are parsed as YAML, so ``train.lr=3e-4`` is a
+float and ``data.kwargs={vendors: [google]}`` a dict). Free-form ``kwargs`` dicts are passed on to the factories
+(``create_model``, ``create_dataset``, ``create_loss``, ``create_miner``, ``create_sampler``), whose registries
+reject unknown names with the list of valid ones.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import yaml
+
+TASKS = ("image_text", "metric")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "lite0-minilm"  # any metrank.encoders.create_model name
+    pretrained: Union[bool, str, None] = True
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # e.g. {embed_dim: 256}
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "emoji"  # any metrank.data.create_dataset name
+    root: Optional[str] = None
+    train_split: str = "train"
+    eval_split: str = "test"
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # passed to create_dataset for both splits
+    fetch: bool = True  # fetch the dataset through metrank.data when it is missing
+    max_classes: Optional[int] = None  # keep only the first N classes / identities of each split (small runs)
+    max_per_class: Optional[int] = None  # and only the first N items (images) of each class
+
+
+@dataclass
+class LossConfig:
+    name: str = "infonce"  # any metrank.losses.create_loss name
+    # e.g. {margin: 0.2, warmup_steps: 200} for hard_negative: losses with a ``step()`` method (warm-up schedules)
+    # are stepped once per optimizer step
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MinerConfig:
+    name: Optional[str] = None  # any metrank.miners.create_miner name; null = no miner (all pairs)
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SamplerConfig:
+    name: str = "unique_id"  # any metrank.samplers.create_sampler name
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # e.g. {p: 32, k: 4}; batch_size is added when absent
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # adamw | sgd
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.9  # sgd only
+    loss_lr: Optional[float] = None  # learning rate of loss parameters (e.g. InfoNCE logit scale); null = lr
+    loss_weight_decay: float = 0.0
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "cosine"  # cosine (with linear warm-up) | constant (with linear warm-up)
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of the peak learning rate
+
+
+@dataclass
+class TrainLoopConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    seed: int = 0
+    grad_clip: Optional[float] = None  # max global gradient norm; null = no clipping
+    amp: bool = False  # autocast (bf16 on CPU, fp16/bf16 on CUDA)
+    amp_dtype: str = "bfloat16"  # bfloat16 | float16
+    device: str = "auto"  # auto | cpu | cuda
+    feature_batch_size: int = 64
+    max_steps: Optional[int] = None  # stop after this many optimizer steps (the schedule still spans all epochs)
+    checkpoint_every: Optional[int] = None  # also write the training state every N steps (mid-epoch resume)
+
+
+@dataclass
+class EvalConfig:
+    every: int = 1  # evaluate every N epochs (and always after the last)
+    at_start: bool = True  # evaluate the untrained heads as epoch 0
+    ks: List[int] = field(default_factory=lambda: [1, 5, 10])
+    select: Optional[str] = None  # metric that picks the best model; null = rsum (image_text) / R@1 (metric)
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs/default"
+    cache_dir: Optional[str] = None  # feature cache; null = $METRANK_DATA/features (default ~/.cache/metrank/features)
+    tensorboard: bool = True  # write TensorBoard scalars when tensorboard is installed
+    plot: bool = True
+
+
+@dataclass
+class TrainConfig:
+    task: str = "image_text"  # image_text | metric
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    miner: MinerConfig = field(default_factory=MinerConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    """Whether ``value`` fits the annotation ``tp`` (ints are accepted for floats)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True
+    if origin is Union:
+        return any(_type_ok(value, arg) for arg in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if origin in (list, List):
+        (item,) = typing.get_args(tp)
+        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if origin in (dict, Dict):
+        return isinstance(value, dict)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _type_name(tp: Any) -> str:
+    return str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def _nearest(name: str, valid: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.0)
+    return f"did you mean {close[0]!r}? " if close else ""
+
+
+def _yaml_float(text: str) -> Any:
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _fill(obj: Any, values: Dict[str, Any], prefix: str) -> None:
+    """Set the fields of dataclass ``obj`` from ``values``, recursing into nested dataclasses."""
+    if not isinstance(values, dict):
+        raise ValueError(f"config section {prefix.rstrip('.') or '<root>'!r} must be a mapping, got {values!r}")
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    hints = typing.get_type_hints(type(obj))
+    for key, value in values.items():
+        if key not in fields:
+            valid = [prefix + k for k in fields]
+            raise ValueError(f"unknown config key {prefix + key!r}; {_nearest(prefix + key, valid)}"
+                             f"valid keys here: {', '.join(valid)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _fill(current, value, prefix + key + ".")
+            continue
+        if isinstance(value, str) and _type_ok(1.0, hints[key]) and not _type_ok(value, hints[key]):
+            value = _yaml_float(value)  # YAML 1.1 reads "1e-3" (no dot) as a string
+        if not _type_ok(value, hints[key]):
+            raise ValueError(f"config key {prefix + key!r} must be {_type_name(hints[key])}, got {value!r}")
+        if hints[key] is float and isinstance(value, int):
+            value = float(value)
+        setattr(obj, key, value)
+
+
+def _set_path(tree: Dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):  # an override below a scalar: let the schema check report it
+            nxt = node[part] = {}
+        node = nxt
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: Sequence[str]) -> Dict[str, Any]:
+    """``["train.lr=1e-3", "loss.kwargs.margin=0.2"]`` -> nested dict; values are parsed as YAML."""
+    tree: Dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key.sub=value (e.g. train.epochs=5)")
+        key, raw = item.split("=", 1)
+        key = key.strip().lstrip("-")
+        if not key:
+            raise ValueError(f"override {item!r} has an empty key")
+        _set_path(tree, key, yaml.safe_load(raw) if raw.strip() else None)
+    return tree
+
+
+def _merge(base: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "kwargs":
+            out[key] = _merge(out[key], value)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):  # kwargs: merge keys too
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = value
+    return out
+
+
+def config_from_dict(values: Dict[str, Any]) -> TrainConfig:
+    """Build and validate a :class:`TrainConfig` from a (nested) dict."""
+    cfg = TrainConfig()
+    _fill(cfg, values or {}, "")
+    if cfg.task not in TASKS:
+        raise ValueError(f"config key 'task' must be one of {', '.join(TASKS)}, got {cfg.task!r}")
+    if cfg.optim.name not in ("adamw", "sgd"):
+        raise ValueError(f"unknown optimizer {cfg.optim.name!r}; valid names: adamw, sgd")
+    if cfg.schedule.name not in ("cosine", "constant"):
+        raise ValueError(f"unknown schedule {cfg.schedule.name!r}; valid names: constant, cosine")
+    if cfg.train.amp_dtype not in ("bfloat16", "float16"):
+        raise ValueError(f"train.amp_dtype must be bfloat16 or float16, got {cfg.train.amp_dtype!r}")
+    for key, value in (("train.epochs", cfg.train.epochs), ("train.batch_size", cfg.train.batch_size),
+                       ("eval.every", cfg.eval.every)):
+        if value < 1:
+            raise ValueError(f"{key} must be >= 1, got {value}")
+    if cfg.optim.lr <= 0:
+        raise ValueError(f"optim.lr must be > 0, got {cfg.optim.lr}")
+    if cfg.train.max_steps is not None and cfg.train.max_steps < 1:
+        raise ValueError(f"train.max_steps must be >= 1 or null, got {cfg.train.max_steps}")
+    return cfg
+
+
+def load_config(path: Union[str, Path, None] = None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Read a YAML config (or start from the defaults when ``path`` is None) and apply ``key.sub=value`` overrides."""
+    values: Dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {str(path)!r} not found")
+        values = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"config file {str(path)!r} must hold a YAML mapping at the top level")
+    return config_from_dict(_merge(values, parse_overrides(overrides)))
+
+
+def save_config(cfg: TrainConfig, path: Union[str, Path]) -> None:
+    from metrank.training.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())

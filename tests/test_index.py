@@ -1,0 +1,159 @@
+"""metrank.index: FAISS wrapper behaviour checked against brute-force numpy search."""
+import os
+
+import faiss
+import numpy as np
+import pytest
+import torch
+
+from metrank.index import Index, create_index
+
+
+def data(n=600, d=16, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def brute_force(q, x, k, metric="ip"):
+    s = q.astype(np.float64) @ x.T.astype(np.float64) if metric == "ip" else \
+        ((q[:, None, :].astype(np.float64) - x[None]) ** 2).sum(-1)
+    order = np.argsort(-s if metric == "ip" else s, axis=1)[:, :k]
+    return np.take_along_axis(s, order, 1), order
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_flat_search_matches_brute_force_with_64bit_ids(metric):
+    x, q = data(), data(50, seed=1)
+    index = create_index("Flat", dim=16, metric=metric)
+    big_ids = (1 << 40) + 3 * np.arange(len(x), dtype=np.int64)
+    index.add(x, ids=big_ids)
+    scores, ids = index.search(q, k=10, batch_size=16)
+    ref_scores, ref_pos = brute_force(q, x, 10, metric)
+    assert ids.dtype == np.int64 and scores.dtype == np.float32 and scores.shape == (50, 10)
+    np.testing.assert_array_equal(ids, big_ids[ref_pos])
+    np.testing.assert_allclose(scores, ref_scores, atol=1e-5)
+    assert (index.ntotal, index.dim, index.metric) == (600, 16, metric)
+
+
+def test_auto_ids_continue_from_largest_and_padding():
+    index = create_index("flat", dim=16)
+    index.add(data(2), ids=np.array([5, 100]))
+    assert index.add(data(3, seed=2)).tolist() == [101, 102, 103]
+    scores, ids = index.search(torch.from_numpy(data(4, seed=3)).double(), k=8)  # torch float64 is accepted
+    assert (ids[:, 5:] == -1).all() and np.isneginf(scores[:, 5:]).all()
+    assert set(ids[0, :5]) == {5, 100, 101, 102, 103}
+
+
+@pytest.mark.parametrize("spec", ["Flat", "ivf_flat", "IVF16,PQ4", "PQ8"])
+def test_remove_ids_removes(spec):
+    x = data(800)
+    index = create_index(spec, dim=16, **({"nlist": 16} if spec == "ivf_flat" else {}))
+    if not index.is_trained:
+        index.train(x)
+    ids = np.arange(800, dtype=np.int64) * 7 + 11
+    index.add(x, ids)
+    if "IVF" in index.spec:
+        index.nprobe = 16
+    assert index.remove_ids(ids[:100]) == 100
+    assert index.remove_ids(np.array([1, 2, 3])) == 0  # unknown ids
+    assert index.ntotal == 700
+    _, found = index.search(x[:100], k=20)
+    assert not np.isin(found, ids[:100]).any()
+    _, found = index.search(x[100:150], k=1)  # the survivors still map to their own ids
+    assert (found[:, 0] == ids[100:150]).mean() > (0.95 if spec in ("Flat", "ivf_flat") else 0.5)
+
+
+def test_hnsw_removal_is_a_clear_error_and_efsearch_is_settable():
+    index = create_index("hnsw", dim=16, m=8)
+    index.add(data())
+    index.efSearch = 123
+    assert index.efSearch == 123
+    with pytest.raises(ValueError, match="does not support removal"):
+        index.remove_ids(np.array([0]))
+    with pytest.raises(ValueError, match="IVF indexes only"):
+        index.nprobe = 4
+
+
+@pytest.mark.parametrize("spec, kwargs", [("Flat", {}), ("ivf_flat", {"nlist": 8}), ("HNSW16", {}),
+                                          ("ivf_pq", {"nlist": 8}), ("PQ4", {})])
+def test_save_load_round_trip(tmp_path, spec, kwargs):
+    x = data(1200)
+    index = create_index(spec, dim=16, metric="l2", **kwargs)
+    index.train(x, max_train=1000)
+    index.add(x, ids=np.arange(1200) + (1 << 33))
+    if "IVF" in index.spec:
+        index.nprobe = 3
+    path = str(tmp_path / "sub" / "gallery.faiss")
+    os.makedirs(os.path.dirname(path))
+    open(path, "wb").write(b"old contents get replaced")
+    index.save(path)
+    assert os.listdir(tmp_path / "sub") == ["gallery.faiss"]  # no temporary file left behind
+    loaded = Index.load(path, device="cpu")
+    assert (loaded.ntotal, loaded.dim, loaded.metric) == (1200, 16, "l2")
+    before, after = index.search(x[:30], k=5), loaded.search(x[:30], k=5)
+    np.testing.assert_array_equal(before[1], after[1])
+    np.testing.assert_array_equal(before[0], after[0])
+    assert after[1].min() >= 1 << 33
+    assert loaded.add(data(1, seed=9)).tolist() == [(1 << 33) + 1200]
+    if "IVF" in index.spec:
+        assert loaded.nprobe == 3
+
+
+def test_ivf_trains_on_sample_requires_training_and_nprobe_all_is_exact():
+    x, q = data(2000), data(20, seed=5)
+    index = create_index("ivf_flat", dim=16, nlist=16)
+    assert not index.is_trained
+    with pytest.raises(ValueError, match="must be trained"):
+        index.add(x)
+    with pytest.raises(ValueError, match="must be trained"):
+        index.search(q, k=3)
+    index.train(x, max_train=700)
+    index.add(x)
+    index.nprobe = 16
+    exact = create_index("Flat", dim=16)
+    exact.add(x)
+    np.testing.assert_array_equal(index.search(q, 10)[1], exact.search(q, 10)[1])
+    with pytest.raises(ValueError, match="training"):
+        create_index("IVF64,Flat", dim=16).train(x[:10])
+
+
+def test_memory_bytes_tracks_stored_vectors():
+    x = data(1000, d=32)
+    flat, pq = create_index("Flat", dim=32), create_index("PQ8", dim=32)
+    pq.train(x)
+    flat.add(x)
+    pq.add(x)
+    assert 1000 * 32 * 4 <= flat.memory_bytes() < 1000 * 32 * 4 + 1000 * 8 * 2 + 4096
+    assert pq.memory_bytes() < flat.memory_bytes() / 4
+
+
+def test_bad_input_raises_value_error():
+    index = create_index("Flat", dim=4)
+    x = np.ones((3, 4), np.float32)
+    for bad, message in [(np.full((3, 4), np.nan, np.float32), "NaN"), (np.full((3, 4), np.inf, np.float32), "inf"),
+                         (np.ones((3, 4), np.int64), "floating dtype"), (np.ones((0, 4), np.float32), "empty"),
+                         (np.ones((3, 5), np.float32), "dimension 5"), (np.ones(4, np.float32), "2-D")]:
+        with pytest.raises(ValueError, match=message):
+            index.add(bad)
+        with pytest.raises(ValueError, match=message):
+            index.search(bad, k=1)
+    with pytest.raises(ValueError, match="one id per vector"):
+        index.add(x, ids=np.arange(2))
+    with pytest.raises(ValueError, match="duplicates"):
+        index.add(x, ids=np.array([1, 1, 2]))
+    with pytest.raises(ValueError, match="integer dtype"):
+        index.add(x, ids=np.arange(3.0))
+    with pytest.raises(ValueError, match="positive integer"):
+        index.search(x, k=0)
+    with pytest.raises(ValueError, match="valid names: flat, hnsw, ivf_flat, ivf_pq|not a short name"):
+        create_index("NoSuchIndex", dim=4)
+    with pytest.raises(ValueError, match="dim"):
+        create_index("Flat")
+    with pytest.raises(ValueError, match="metric"):
+        create_index("Flat", dim=4, metric="cosine")
+    if faiss.get_num_gpus() == 0:
+        with pytest.raises(ValueError, match="no GPU"):
+            create_index("Flat", dim=4, device="gpu")
+    with pytest.raises(FileNotFoundError):
+        Index.load("/nonexistent/index.faiss")
