@@ -56,12 +56,13 @@ def hnsw_spec(dim: int, m: int = 32) -> str:
 
 
 @INDEX_SPECS.register("ivf_pq")
-def ivf_pq_spec(dim: int, nlist: int = 1024, m: Optional[int] = None) -> str:
-    """Inverted file + product quantisation, ``m`` bytes per vector (default: the largest divisor of ``dim`` that is
-    at most ``min(64, dim // 4)``, i.e. 64 bytes for 512-d) - for galleries that do not fit in memory."""
+def ivf_pq_spec(dim: int, nlist: int = 1024, m: Optional[int] = None, nbits: int = 8) -> str:
+    """Inverted file + product quantisation: ``m`` sub-quantisers of ``nbits`` bits each (default ``m``: the largest
+    divisor of ``dim`` that is at most ``min(64, dim // 4)``, i.e. 64 bytes per 512-d vector) - for galleries that
+    do not fit in memory."""
     if m is None:
         m = max(d for d in range(1, max(1, min(64, dim // 4)) + 1) if dim % d == 0)
-    return f"IVF{nlist},PQ{m}"
+    return f"IVF{nlist},PQ{m}x{nbits}"
 
 
 def _as_float32(x: Array, name: str, dim: Optional[int] = None) -> np.ndarray:
@@ -228,8 +229,9 @@ class Index:
 
     # ---- searching --------------------------------------------------------------------------------------------
     def _searcher(self, k: int) -> faiss.Index:
-        if not self.use_gpu or k > GPU_MAX_K:
-            return self._cpu
+        ivf = faiss.try_extract_index_ivf(self._cpu)
+        if not self.use_gpu or k > GPU_MAX_K or (ivf is not None and ivf.nprobe > GPU_MAX_K):
+            return self._cpu  # the GPU k-selection is limited to GPU_MAX_K: the CPU master copy answers
         if self._gpu is None:
             options = faiss.GpuMultipleClonerOptions()
             options.shard = self.gpu_mode == "shard"
@@ -285,7 +287,8 @@ class Index:
         """Size of the serialised index (vectors/codes, ids, centroids, graph), counted without copying it; the
         in-memory footprint is the same up to small allocator overheads."""
         counter = [0]
-        faiss.write_index(self._cpu, faiss.PyCallbackIOWriter(lambda chunk: counter.__setitem__(0, counter[0] + len(chunk))))
+        writer = faiss.PyCallbackIOWriter(lambda chunk: counter.__setitem__(0, counter[0] + len(chunk)))
+        faiss.write_index(self._cpu, writer)
         return counter[0]
 
 

@@ -51,6 +51,18 @@ def _labels(labels: Array, n: int, name: str) -> np.ndarray:
     return np.asarray(labels, dtype=np.int64)
 
 
+def _check_metric(metric: str) -> None:
+    if metric not in ("ip", "l2"):
+        raise ValueError(f"metric must be 'ip' (inner product) or 'l2' (squared Euclidean), got {metric!r}")
+
+
+def _check_ks(ks: Sequence[int]) -> List[int]:
+    ks = sorted({int(k) for k in ks})
+    if not ks or ks[0] < 1:
+        raise ValueError(f"ks must be positive integers, got {ks}")
+    return ks
+
+
 def _torch_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -169,6 +181,7 @@ def knn(query: Array, gallery: Optional[Array] = None, k: int = 10, metric: str 
     query = _as_float32(query, "query")
     if not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
+    _check_metric(metric)
     leave_one_out = gallery is None
     engine = ExactKNN(query if leave_one_out else _check_gallery(gallery, query.shape[1]), metric, device)
     chunk_size = chunk_size or max(256, min(8192, ELEMENTS_PER_CHUNK // k))
@@ -214,11 +227,8 @@ def retrieval_metrics(query: Array, query_labels: Array, gallery: Optional[Array
     else:
         gallery = _check_gallery(gallery, query.shape[1])
         gallery_labels = _labels(gallery_labels, len(gallery), "gallery_labels")
-    ks = sorted({int(k) for k in ks})
-    if not ks or ks[0] < 1:
-        raise ValueError(f"ks must be positive integers, got {ks}")
-    if metric not in ("ip", "l2"):
-        raise ValueError(f"metric must be 'ip' or 'l2', got {metric!r}")
+    ks = _check_ks(ks)
+    _check_metric(metric)
 
     n_relevant = _relevant_counts(query_labels, gallery_labels, leave_one_out)
     evaluated = np.flatnonzero(n_relevant > 0)
@@ -271,6 +281,7 @@ def first_relevant_rank(query: Array, query_labels: Array, gallery: Array, galle
     query, gallery = _as_float32(query, "query"), _check_gallery(gallery, np.shape(query)[1])
     query_labels = _labels(query_labels, len(query), "query_labels")
     gallery_labels = _labels(gallery_labels, len(gallery), "gallery_labels")
+    _check_metric(metric)
     dev = _torch_device(device)
     g = torch.from_numpy(gallery).to(dev)
     g_labels = torch.from_numpy(gallery_labels).to(dev)
@@ -305,6 +316,7 @@ def image_text_metrics(image_emb: Array, text_emb: Array, text_image_ids: Array,
     ``image_labels`` (optional) makes images with the same label interchangeable (e.g. two renderings of one
     object): a caption then also hits on any image sharing its image's label.
     """
+    ks = _check_ks(ks)
     image_emb = _as_float32(image_emb, "image_emb")
     text_emb = _check_gallery(text_emb, image_emb.shape[1])
     text_image_ids = _labels(text_image_ids, len(text_emb), "text_image_ids")
@@ -368,5 +380,10 @@ def format_table(results: Union[Dict[str, float], List[Dict[str, float]]], names
     body = [([names[i]] if names is not None else []) + [cell(row.get(key, "")) for key in keys]
             for i, row in enumerate(rows)]
     widths = [max(len(line[c]) for line in [header] + body) for c in range(len(header))]
-    fmt = lambda line: "  ".join(text.rjust(width) for text, width in zip(line, widths)).rstrip()  # noqa: E731
+    first_left = names is not None  # row names read left-aligned, numbers right-aligned
+
+    def fmt(line: List[str]) -> str:
+        return "  ".join(text.ljust(width) if c == 0 and first_left else text.rjust(width)
+                         for c, (text, width) in enumerate(zip(line, widths))).rstrip()
+
     return "\n".join([fmt(header), "  ".join("-" * w for w in widths)] + [fmt(line) for line in body])

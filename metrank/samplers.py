@@ -79,7 +79,7 @@ def _class_groups(items: np.ndarray, k: int, rng: np.random.Generator) -> List[L
     permutation of the items it does not hold yet. Fewer than k items: one group topped up with replacement."""
     n = len(items)
     if n < k:
-        return [list(items) + rng.choice(items, k - n, replace=True).tolist()]
+        return [items.tolist() + rng.choice(items, k - n, replace=True).tolist()]
     order = rng.permutation(items).tolist()
     groups = [order[i:i + k] for i in range(0, n, k)]
     last = groups[-1]

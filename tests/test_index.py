@@ -45,7 +45,7 @@ def test_auto_ids_continue_from_largest_and_padding():
     assert set(ids[0, :5]) == {5, 100, 101, 102, 103}
 
 
-@pytest.mark.parametrize("spec", ["Flat", "ivf_flat", "IVF16,PQ4", "PQ8"])
+@pytest.mark.parametrize("spec", ["Flat", "ivf_flat", "IVF16,PQ4x4", "PQ8x4"])
 def test_remove_ids_removes(spec):
     x = data(800)
     index = create_index(spec, dim=16, **({"nlist": 16} if spec == "ivf_flat" else {}))
@@ -76,7 +76,7 @@ def test_hnsw_removal_is_a_clear_error_and_efsearch_is_settable():
 
 
 @pytest.mark.parametrize("spec, kwargs", [("Flat", {}), ("ivf_flat", {"nlist": 8}), ("HNSW16", {}),
-                                          ("ivf_pq", {"nlist": 8}), ("PQ4", {})])
+                                          ("ivf_pq", {"nlist": 8, "nbits": 4}), ("PQ4x4", {})])
 def test_save_load_round_trip(tmp_path, spec, kwargs):
     x = data(1200)
     index = create_index(spec, dim=16, metric="l2", **kwargs)
@@ -120,7 +120,7 @@ def test_ivf_trains_on_sample_requires_training_and_nprobe_all_is_exact():
 
 def test_memory_bytes_tracks_stored_vectors():
     x = data(1000, d=32)
-    flat, pq = create_index("Flat", dim=32), create_index("PQ8", dim=32)
+    flat, pq = create_index("Flat", dim=32), create_index("PQ8x4", dim=32)
     pq.train(x)
     flat.add(x)
     pq.add(x)

@@ -10,6 +10,15 @@ from metrank.losses import LOSSES
 from metrank.losses.contextual import ContextualLoss, StraightThroughStep, knn_membership, margin_contrastive
 
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread (two threads spin-wait badly when the machine is shared)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 def loop_step(x: torch.Tensor, threshold: float, gain: float) -> torch.Tensor:
     """1[x >= threshold] forward, d/dx = gain backward (written as hard + gain * (x - stop_grad(x)))."""
     hard = 1.0 if x.item() >= threshold else 0.0

@@ -22,7 +22,8 @@ def create_model(name: str, pretrained: Pretrained = True, **kwargs: Any) -> Ret
     ``None`` (random init), or for ``timm/``/``open_clip/`` names a local checkpoint path or an open_clip tag.
 
     Extra keyword arguments go to the builder (``embed_dim``, ``image_size``, ``pooling``, ``freeze_image`` ...)
-    and are recorded in ``model.config`` so ``load_checkpoint`` can rebuild the model.
+    and are recorded in ``model.config`` so ``load_checkpoint`` can rebuild the model. The model is returned in
+    eval mode (call ``.train()`` to fine-tune).
     """
     prefix, _, arch = name.partition("/")
     if arch:
@@ -40,7 +41,7 @@ def create_model(name: str, pretrained: Pretrained = True, **kwargs: Any) -> Ret
                              "timm/<timm model name>, open_clip/<open_clip config>") from None
     model = builder(pretrained=pretrained, **kwargs)
     model.config = {"name": name, "kwargs": {k: v for k, v in kwargs.items() if k != "arch"}}
-    return model
+    return model.eval()
 
 
 def named_models() -> list[str]:

@@ -2,8 +2,9 @@
 reduction and the documented zero-loss path.
 
 Conventions (pytorch-metric-learning, "PML"): anchors are the rows of ``embeddings``; positives and negatives are
-rows of ``ref_emb`` (default: ``embeddings`` itself, in which case the self-pair ``(i, i)`` is neither a positive nor
-a negative). All losses take L2-normalised embeddings; ``S = embeddings @ ref_embᵀ`` is the cosine similarity.
+rows of ``ref_emb``. Without ``ref_emb`` the reference set is ``embeddings`` itself and the self-pair ``(i, i)`` is
+neither a positive nor a negative; an explicit ``ref_emb`` (even the same tensor) is a separate reference set, so
+``(i, i)`` is compared like any other pair. All losses take L2-normalised embeddings; ``S = embeddings @ ref_embᵀ`` is the cosine similarity.
 """
 from __future__ import annotations
 
@@ -56,8 +57,7 @@ def prepare_inputs(embeddings: torch.Tensor, labels: torch.Tensor, ref_emb: Opti
     if not isinstance(labels, torch.Tensor):
         raise ValueError(f"labels must be a torch tensor, got {type(labels).__name__}")
     check_labels(labels, embeddings.shape[0], "labels")
-    self_ref = ref_emb is None or ref_emb is embeddings
-    if self_ref:
+    if ref_emb is None:
         if ref_labels is not None and ref_labels is not labels and not torch.equal(ref_labels, labels):
             raise ValueError("ref_labels was given without ref_emb; pass ref_emb too or drop ref_labels")
         return LossInputs(embeddings, labels, embeddings, labels, True)

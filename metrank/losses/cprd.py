@@ -26,7 +26,7 @@ are computed without gradient; the teacher is not a submodule of the loss (its p
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
@@ -45,8 +45,8 @@ def valid_prefix(teacher_sorted: torch.Tensor, teacher_pos: torch.Tensor, fn_thr
                  min_gap: float = 0.0, max_length: Optional[int] = None) -> torch.Tensor:
     """Mask [n, K] of the kept negatives given teacher scores sorted descending per row (step 3 of the module doc).
 
-    A negative is a false negative when its teacher score is >= the true pair's score ``teacher_pos`` or >= ``fn_threshold``; the kept
-    run starts after them and ends before the first gap ``t_j - t_{j+1} < min_gap`` and after ``max_length`` items.
+    A negative is a false negative when its teacher score is >= the true pair's score ``teacher_pos`` or
+    >= ``fn_threshold``; the kept run starts after them and ends before the first gap ``t_j - t_{j+1} < min_gap`` and after ``max_length`` items.
     """
     false_neg = teacher_sorted >= teacher_pos[:, None]
     if fn_threshold is not None:
@@ -94,7 +94,7 @@ class _HardNegativeDistillation(nn.Module):
         """The fixed ``temperature`` or the InfoNCE module's current one (1 / logit scale, detached)."""
         if self.temperature is not None:
             return self.temperature
-        return 1.0 / float(self._infonce.scale)
+        return 1.0 / float(self._infonce.scale.detach())
 
     def forward(self, image_emb: torch.Tensor, text_emb: torch.Tensor, ids: torch.Tensor, images: Any = None,
                 texts: Any = None, text_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -114,14 +114,14 @@ class _HardNegativeDistillation(nn.Module):
         sim = image_emb.to(dtype) @ text_emb.to(dtype).T
         n = sim.shape[0]
         rows = torch.arange(n, device=sim.device)
-        kk = self.k
-        i2t = self.miner(image_emb, ids, ref_emb=text_emb, ref_labels=ids)[1].view(n, kk)
-        t2i = self.miner(text_emb, ids, ref_emb=image_emb, ref_labels=ids)[1].view(n, kk)
+        k = self.k
+        i2t = self.miner(image_emb, ids, ref_emb=text_emb, ref_labels=ids)[1].view(n, k)
+        t2i = self.miner(text_emb, ids, ref_emb=image_emb, ref_labels=ids)[1].view(n, k)
         # one teacher call for the n true pairs and the 2 n K candidate pairs: (image row, text row)
-        image_rows = torch.cat([rows, rows.repeat_interleave(kk), t2i.flatten()])
-        text_rows = torch.cat([rows, i2t.flatten(), rows.repeat_interleave(kk)])
+        image_rows = torch.cat([rows, rows.repeat_interleave(k), t2i.flatten()])
+        text_rows = torch.cat([rows, i2t.flatten(), rows.repeat_interleave(k)])
         scores = self._teacher_scores(images, texts, image_rows, text_rows, ids, text_ids).to(sim.device)
-        pos, t_i2t, t_t2i = scores[:n], scores[n:n + n * kk].view(n, kk), scores[n + n * kk:].view(n, kk)
+        pos, t_i2t, t_t2i = scores[:n], scores[n:n + n * k].view(n, k), scores[n + n * k:].view(n, k)
         per_query = torch.cat([self.distill(sim.gather(1, i2t), t_i2t, pos),
                                self.distill(sim.T.gather(1, t2i), t_t2i, pos)])
         return per_query.mean()
@@ -129,7 +129,9 @@ class _HardNegativeDistillation(nn.Module):
     def _teacher_scores(self, images: Any, texts: Any, image_rows: torch.Tensor, text_rows: torch.Tensor,
                         ids: torch.Tensor, text_ids: Optional[torch.Tensor]) -> torch.Tensor:
         """Teacher scores of the pairs (images[image_rows[p]], texts[text_rows[p]]), each distinct pair scored once."""
-        pairs, inverse = torch.stack([image_rows, text_rows], 1).cpu().unique(dim=0, return_inverse=True)
+        n = max(int(image_rows.max()), int(text_rows.max())) + 1
+        codes, inverse = (image_rows.cpu() * n + text_rows.cpu()).unique(return_inverse=True)
+        pairs = torch.stack([codes // n, codes % n], 1)
         with torch.no_grad():
             if isinstance(self.teacher, CachedTeacher):
                 keys = torch.stack([ids.cpu()[pairs[:, 0]], text_ids.cpu()[pairs[:, 1]]], 1)

@@ -95,7 +95,8 @@ class TripletAlignmentLoss(nn.Module):
         sim = similarity_matrix(inputs.embeddings[rows], inputs.ref_emb)
         pos, neg = pos[rows], neg[rows]
         scaled = sim / self.tau
-        alpha = torch.softmax(scaled.detach().masked_fill(~pos, float("-inf")), dim=1)
+        pos_scaled = scaled.detach().masked_fill(~pos, float("-inf"))
+        alpha = (pos_scaled - torch.logsumexp(pos_scaled, dim=1, keepdim=True)).exp()  # softmax over positives
         positive = (alpha * sim).sum(1)
         negative = self.tau * torch.logsumexp(scaled.masked_fill(~neg, float("-inf")), dim=1)
         return reduce_losses(F.relu(negative - positive + self.margin), self.reducer)

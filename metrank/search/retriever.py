@@ -131,6 +131,9 @@ def _resolve_model(model: Any) -> Tuple[Any, Dict[str, Any]]:
 
 
 def _build_model(reference: Mapping[str, Any], directory: Optional[str]):
+    if not reference:
+        raise ValueError("this retriever has no model (it was created for vectors only): pass vectors, or create it "
+                         "with model=<name or checkpoint>")
     from metrank.encoders import load_checkpoint
 
     if "checkpoint" in reference:
@@ -145,8 +148,7 @@ def _build_model(reference: Mapping[str, Any], directory: Optional[str]):
         if directory is None:
             raise ValueError("this retriever's model was given as an object and has not been saved yet")
         return load_checkpoint(os.path.join(directory, reference["embedded"]))
-    raise ValueError("this retriever has no model (it was created for vectors only): pass vectors, or create it "
-                     "with model=<name or checkpoint>")
+    raise ValueError(f"unknown model reference {dict(reference)}")
 
 
 class Retriever:

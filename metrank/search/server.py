@@ -336,3 +336,40 @@ def serve(retriever: Retriever, host: str = "127.0.0.1", port: int = 8000, **app
     import uvicorn
 
     uvicorn.run(create_app(retriever, **app_kwargs), host=host, port=port, log_level="info")
+
+
+class BackgroundServer:
+    """Run an app with uvicorn in a daemon thread (tests, notebooks): ``with BackgroundServer(app) as url: ...``.
+
+    ``port=0`` picks a free port; ``url`` is ``http://host:port``.
+    """
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> None:
+        import socket
+        import threading
+
+        import uvicorn
+
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        sock.bind((host, port))
+        self.host, self.port = host, sock.getsockname()[1]
+        sock.close()
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=self.port, log_level="warning",
+                                                    timeout_graceful_shutdown=5))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.url = f"http://{host}:{self.port}"
+
+    def __enter__(self) -> str:
+        import time
+
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the HTTP server did not start on {self.url}")
+            time.sleep(0.02)
+        return self.url
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)

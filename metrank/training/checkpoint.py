@@ -16,6 +16,13 @@ import numpy as np
 import torch
 
 
+def _umask_mode() -> int:
+    """Permissions a plainly created file would get (``mkstemp`` makes 0600 files)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
     """Write ``data`` to a temporary file next to ``path``, then ``os.replace`` it into place."""
     path = Path(path)
@@ -26,6 +33,7 @@ def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -41,6 +49,7 @@ def atomic_torch_save(obj: Any, path: Union[str, Path]) -> None:
     os.close(fd)
     try:
         torch.save(obj, tmp)
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

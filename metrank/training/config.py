@@ -37,6 +37,10 @@ class DataConfig:
     fetch: bool = True  # fetch the dataset through metrank.data when it is missing
     max_classes: Optional[int] = None  # keep only the first N classes / identities of each split (small runs)
     max_per_class: Optional[int] = None  # and only the first N items (images) of each class
+    # image_text: what makes two images "the same" (positives of each other, never negatives; a caption hits on
+    # any of them): "labels" = the dataset's image_labels (emoji: the identity drawn by several vendors),
+    # "image" = each image is its own identity (Tux Paint, COCO: the caption describes that one picture)
+    pair_ids: str = "labels"
 
 
 @dataclass
@@ -85,6 +89,7 @@ class TrainLoopConfig:
     amp: bool = False  # autocast (bf16 on CPU, fp16/bf16 on CUDA)
     amp_dtype: str = "bfloat16"  # bfloat16 | float16
     device: str = "auto"  # auto | cpu | cuda
+    threads: Optional[int] = None  # torch.set_num_threads (small head matmuls often run faster on 1 thread)
     feature_batch_size: int = 64
     max_steps: Optional[int] = None  # stop after this many optimizer steps (the schedule still spans all epochs)
     checkpoint_every: Optional[int] = None  # also write the training state every N steps (mid-epoch resume)
@@ -228,6 +233,8 @@ def config_from_dict(values: Dict[str, Any]) -> TrainConfig:
     _fill(cfg, values or {}, "")
     if cfg.task not in TASKS:
         raise ValueError(f"config key 'task' must be one of {', '.join(TASKS)}, got {cfg.task!r}")
+    if cfg.data.pair_ids not in ("labels", "image"):
+        raise ValueError(f"data.pair_ids must be 'labels' or 'image', got {cfg.data.pair_ids!r}")
     if cfg.optim.name not in ("adamw", "sgd"):
         raise ValueError(f"unknown optimizer {cfg.optim.name!r}; valid names: adamw, sgd")
     if cfg.schedule.name not in ("cosine", "constant"):

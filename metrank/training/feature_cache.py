@@ -4,8 +4,10 @@ On a CPU, the backbone forward dominates training cost by two to three orders of
 precomputed features ~8,000 samples/s vs ~100 for a Lite0 forward), so with frozen towers the features are computed
 once per (model, dataset, split, transform) and reused by every epoch and every later run. The cache is
 augmentation-free by construction: images go through the model's *eval* transform, so training sees each image as
-one fixed feature vector (no random crops/flips). The key hashes the model config, the dataset description, the
-image transform's ``repr`` and the backbone's weights, so changing any of them recomputes the features.
+one fixed feature vector (no random crops/flips). Image and text features are cached separately; each key hashes a
+functional fingerprint of the tower (transform/tokenizer + backbone output on a fixed probe input) and the exact
+list of images (or captions) encoded, so changing any of them recomputes the features while models that differ
+only in their heads share them.
 """
 from __future__ import annotations
 
@@ -15,7 +17,10 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
+import numpy as np
+
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from metrank import distributed
@@ -26,34 +31,39 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("METRANK_DATA", Path.home() / ".cache" / "metrank")) / "features"
 
 
-def _weights_digest(model: torch.nn.Module) -> str:
-    """A cheap fingerprint of the frozen weights: a few statistics of every parameter tensor."""
-    h = hashlib.sha1()
-    with torch.no_grad():
-        for name, p in model.state_dict().items():
-            if p.is_floating_point() and p.numel():
-                flat = p.detach().float().flatten()
-                h.update(f"{name}:{tuple(p.shape)}:{flat.sum().item():.6e}:{flat[::max(1, flat.numel() // 7)].tolist()}"
-                         .encode())
-    return h.hexdigest()
+def _digest(x: torch.Tensor) -> str:
+    """Hash of a feature tensor rounded to 4 decimals (equal for numerically equal backbones)."""
+    return hashlib.sha1(torch.round(x.float().cpu(), decimals=4).numpy().tobytes()).hexdigest()
 
 
-def feature_cache_key(model: Any, description: Dict[str, Any]) -> str:
-    """Hex key of (model config, backbone architecture and weights, eval transform, dataset description).
+@torch.no_grad()
+def image_fingerprint(model: Any) -> str:
+    """What image features depend on, as a hash of a function: the eval transform + image backbone applied to a
+    fixed probe image. Two models with the same backbone and transform (e.g. the Lite0 tower of "lite0" and of
+    "lite0-minilm" at one image size) share their cached features, whatever their heads."""
+    probe = np.random.default_rng(0).integers(0, 256, size=(48, 80, 3), dtype=np.uint8)
+    was_training = model.training
+    model.eval()
+    pixels = model.image_transform(Image.fromarray(probe, mode="RGB"))[None]
+    out = model.image_features(pixels.to(next(model.parameters()).device))
+    model.train(was_training)
+    return _digest(out) + f"-{tuple(pixels.shape)}"
 
-    Only the backbones (``image_backbone``/``text_backbone``) enter the key, and ``embed_dim`` is left out of the
-    config, so runs that differ only in their heads (projection size, initialisation) share the features."""
-    config = dict(getattr(model, "config", {"name": type(model).__name__}))
-    config["kwargs"] = {k: v for k, v in dict(config.get("kwargs", {})).items() if k != "embed_dim"}
-    backbones = [m for m in (getattr(model, "image_backbone", model), getattr(model, "text_backbone", None))
-                 if m is not None]
-    payload = {
-        "model": config,
-        "architecture": [repr(m) for m in backbones],
-        "weights": [_weights_digest(m) for m in backbones],
-        "transform": repr(getattr(model, "image_transform", None)),
-        "data": description,
-    }
+
+@torch.no_grad()
+def text_fingerprint(model: Any) -> str:
+    """Tokenizer + text backbone applied to a fixed probe sentence (see :func:`image_fingerprint`)."""
+    was_training = model.training
+    model.eval()
+    tokens = model.tokenize(["a probe sentence: grinning face with smiling eyes, 42 red apples"])
+    out = model.text_features(_to_device(tokens, next(model.parameters()).device))
+    model.train(was_training)
+    return _digest(out) + f"-{tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else ''}"
+
+
+def feature_cache_key(fingerprint: str, description: Dict[str, Any]) -> str:
+    """Hex key of (backbone fingerprint, description of the exact data encoded)."""
+    payload = {"fingerprint": fingerprint, "data": description}
     return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -5,9 +5,11 @@
 """
 from __future__ import annotations
 
+import hashlib
 import inspect
+import json
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -15,7 +17,8 @@ from PIL import Image
 
 from metrank import distributed
 from metrank.training.config import TrainConfig
-from metrank.training.feature_cache import cached, compute_image_features, compute_text_features, feature_cache_key
+from metrank.training.feature_cache import (cached, compute_image_features, compute_text_features, feature_cache_key,
+                                            image_fingerprint, text_fingerprint)
 
 
 @dataclass
@@ -90,14 +93,48 @@ def _load_image(dataset: Any, index: int) -> Image.Image:
         return im.convert("RGB")
 
 
-def _description(cfg: TrainConfig, split: str) -> Dict[str, Any]:
-    return {"dataset": cfg.data.dataset, "root": cfg.data.root, "split": split, "kwargs": cfg.data.kwargs,
-            "max_classes": cfg.data.max_classes, "max_per_class": cfg.data.max_per_class, "task": cfg.task}
+def _content_hash(values: Sequence[Any]) -> str:
+    return hashlib.sha1(json.dumps([str(v) for v in values]).encode()).hexdigest()
+
+
+def _image_keys(dataset: Any, indices: np.ndarray) -> List[Any]:
+    if hasattr(dataset, "images"):
+        return [dataset.images[i] for i in indices.tolist()]
+    return [dataset.items[i][0] for i in indices.tolist()]
+
+
+def cached_image_features(model: Any, dataset: Any, indices: np.ndarray, cfg: TrainConfig, split: str,
+                          device: torch.device) -> torch.Tensor:
+    """``model.image_features`` of images ``indices`` of ``dataset``, from the cache or computed once."""
+    description = {"dataset": cfg.data.dataset, "root": cfg.data.root, "split": split, "kwargs": cfg.data.kwargs,
+                   "images": _content_hash(_image_keys(dataset, indices))}
+    key = feature_cache_key(image_fingerprint(model), description)
+
+    def compute() -> Dict[str, torch.Tensor]:
+        return {"image": compute_image_features(model, lambda i: _load_image(dataset, int(indices[i])),
+                                                len(indices), cfg.train.feature_batch_size, device,
+                                                desc=f"{split} image features")}
+
+    return cached(cfg.output.cache_dir, f"{cfg.data.dataset}-{split}-images", key, compute)["image"]
+
+
+def cached_text_features(model: Any, captions: List[str], cfg: TrainConfig, split: str,
+                         device: torch.device) -> torch.Tensor:
+    """``model.text_features`` of ``captions``, from the cache or computed once."""
+    description = {"dataset": cfg.data.dataset, "split": split, "captions": _content_hash(captions)}
+    key = feature_cache_key(text_fingerprint(model), description)
+
+    def compute() -> Dict[str, torch.Tensor]:
+        return {"text": compute_text_features(model, captions, 4 * cfg.train.feature_batch_size, device,
+                                              desc=f"{split} text features")}
+
+    return cached(cfg.output.cache_dir, f"{cfg.data.dataset}-{split}-texts", key, compute)["text"]
 
 
 def pair_features(model: Any, dataset: Any, cfg: TrainConfig, split: str, device: torch.device) -> PairFeatures:
-    """Cached backbone features of an ``ImageTextDataset`` split (restricted by ``data.max_classes``/``max_per_class``)."""
-    image_ids = np.asarray(dataset.image_labels, dtype=np.int64)
+    """Backbone features of an ``ImageTextDataset`` split (restricted by ``data.max_classes``/``max_per_class``)."""
+    image_ids = np.asarray(dataset.image_labels, dtype=np.int64) if cfg.data.pair_ids == "labels" \
+        else np.arange(len(dataset.images), dtype=np.int64)
     caption_image = np.asarray(dataset.caption_image, dtype=np.int64)
     keep_images = np.flatnonzero(subset_mask(image_ids, cfg.data.max_classes, cfg.data.max_per_class))
     new_index = np.full(len(image_ids), -1, dtype=np.int64)
@@ -105,33 +142,16 @@ def pair_features(model: Any, dataset: Any, cfg: TrainConfig, split: str, device
     keep_captions = np.flatnonzero(new_index[caption_image] >= 0)
     if len(keep_captions) == 0:
         raise ValueError(f"the {split!r} split of {cfg.data.dataset!r} has no captions for the selected images")
-
-    def compute() -> Dict[str, torch.Tensor]:
-        bs = cfg.train.feature_batch_size
-        return {
-            "image": compute_image_features(model, lambda i: _load_image(dataset, int(keep_images[i])),
-                                            len(keep_images), bs, device, desc=f"{split} image features"),
-            "text": compute_text_features(model, [dataset.captions[c] for c in keep_captions], 4 * bs, device,
-                                          desc=f"{split} text features"),
-        }
-
-    key = feature_cache_key(model, _description(cfg, split))
-    feats = cached(cfg.output.cache_dir, f"{cfg.data.dataset}-{split}-pairs", key, compute)
-    return PairFeatures(image=feats["image"], text=feats["text"],
+    captions = [dataset.captions[c] for c in keep_captions]
+    return PairFeatures(image=cached_image_features(model, dataset, keep_images, cfg, split, device),
+                        text=cached_text_features(model, captions, cfg, split, device),
                         caption_image=torch.from_numpy(new_index[caption_image[keep_captions]]),
                         image_ids=torch.from_numpy(image_ids[keep_images]))
 
 
 def label_features(model: Any, dataset: Any, cfg: TrainConfig, split: str, device: torch.device) -> LabelFeatures:
-    """Cached backbone features of an ``ImageLabelDataset`` split (restricted by ``data.max_classes``/``max_per_class``)."""
+    """Backbone features of an ``ImageLabelDataset`` split (restricted by ``data.max_classes``/``max_per_class``)."""
     labels = np.asarray(dataset.labels, dtype=np.int64)
     keep = np.flatnonzero(subset_mask(labels, cfg.data.max_classes, cfg.data.max_per_class))
-
-    def compute() -> Dict[str, torch.Tensor]:
-        return {"image": compute_image_features(model, lambda i: _load_image(dataset, int(keep[i])), len(keep),
-                                                cfg.train.feature_batch_size, device,
-                                                desc=f"{split} image features")}
-
-    key = feature_cache_key(model, _description(cfg, split))
-    feats = cached(cfg.output.cache_dir, f"{cfg.data.dataset}-{split}-images", key, compute)
-    return LabelFeatures(image=feats["image"], labels=torch.from_numpy(labels[keep]))
+    return LabelFeatures(image=cached_image_features(model, dataset, keep, cfg, split, device),
+                         labels=torch.from_numpy(labels[keep]))

@@ -39,6 +39,7 @@ from metrank.training.optim import build_optimizer, build_scheduler
 
 # Config keys that may change between an interrupted run and its resume without breaking exactness.
 RESUME_FREE_KEYS = ("train.max_steps", "train.checkpoint_every", "train.feature_batch_size", "train.device",
+                    "train.threads",
                     "data.fetch", "output.", "eval.")
 
 
@@ -150,7 +151,7 @@ def _flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     return out
 
 
-def _check_resume_config(saved: Dict[str, Any], current: Dict[str, Any]) -> None:
+def check_resume_config(saved: Dict[str, Any], current: Dict[str, Any]) -> None:
     old, new = _flatten(saved), _flatten(current)
     changed = [k for k in sorted(set(old) | set(new))
                if old.get(k) != new.get(k) and not any(k.startswith(p) for p in RESUME_FREE_KEYS)]
@@ -165,6 +166,8 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
+        if cfg.train.threads is not None:
+            torch.set_num_threads(cfg.train.threads)
         self.device = select_device(cfg.train.device)
         init_distributed(self.device.type)
         self.is_main = distributed.rank() == 0
@@ -278,9 +281,8 @@ class Trainer:
         best: Dict[str, Any] = {"metric": self.select, "value": None, "epoch": None, "state": None}
         loss_sum, loss_count = 0.0, 0
         if resume:
-            path = self.out_dir / "checkpoints" / "last.pt" if resume is True else Path(resume)
-            state = load_training_state(path)
-            _check_resume_config(state["config"], cfg.to_dict())
+            state = load_training_state(state_path(cfg, resume))
+            check_resume_config(state["config"], cfg.to_dict())
             self.heads.load_trainable_state(state["module"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
@@ -358,6 +360,15 @@ class Trainer:
             log.log(record)
 
 
+def state_path(cfg: TrainConfig, resume: Union[bool, str, Path]) -> Path:
+    """The training state ``resume`` refers to: True = ``<output.dir>/checkpoints/last.pt``, else the path given."""
+    return Path(cfg.output.dir) / "checkpoints" / "last.pt" if resume is True else Path(resume)
+
+
 def train(cfg: TrainConfig, resume: Union[bool, str, Path] = False) -> TrainResult:
-    """Build a :class:`Trainer` from ``cfg`` and run it (``resume``: True = ``<output.dir>/checkpoints/last.pt``)."""
+    """Build a :class:`Trainer` from ``cfg`` and run it (``resume``: True = ``<output.dir>/checkpoints/last.pt``).
+
+    A resume checks the state and the config first, before any model or feature is built."""
+    if resume:
+        check_resume_config(load_training_state(state_path(cfg, resume))["config"], cfg.to_dict())
     return Trainer(cfg).fit(resume)

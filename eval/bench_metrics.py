@@ -1,0 +1,119 @@
+"""Benchmark: exact Recall@K + MAP@R evaluation vs raw FAISS search and pytorch-metric-learning, in one run.
+
+    python eval/bench_metrics.py                      # N=100k, d=512, ~5 items per class (takes minutes)
+    python eval/bench_metrics.py --n 20000 --d 128    # quick check
+    python eval/bench_metrics.py --memory-n 1000000 --queries 2000   # 1M x 512 gallery: peak memory (RSS)
+
+Prints each time, the ratios, and the achieved fraction of the GEMM-bound work 2*Q*N*d at the GEMM rate measured
+in the same run; checks P@1 and MAP@R against PML's AccuracyCalculator (max abs difference).
+"""
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+
+import faiss
+import numpy as np
+import torch
+
+from metrank.metrics import format_table, retrieval_metrics
+
+
+def clustered_embeddings(n: int, d: int, per_class: int, seed: int = 0):
+    """Unit vectors around one random centre per class (``per_class`` items each), float32, built in chunks."""
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.arange(n) // per_class).astype(np.int64)
+    centres = rng.standard_normal((labels.max() + 1, d), dtype=np.float32)
+    x = np.empty((n, d), np.float32)
+    for start in range(0, n, 65536):
+        part = centres[labels[start:start + 65536]] + 1.2 * rng.standard_normal((len(labels[start:start + 65536]), d),
+                                                                             dtype=np.float32)
+        x[start:start + 65536] = part / np.linalg.norm(part, axis=1, keepdims=True)
+    return x, labels
+
+
+def gemm_rate(d: int, repeats: int = 3) -> float:
+    """Best float32 GEMM rate (flop/s) of torch and numpy on a [4096, d] x [d, 16384] product."""
+    a = np.random.default_rng(1).standard_normal((4096, d), dtype=np.float32)
+    b = np.random.default_rng(2).standard_normal((d, 16384), dtype=np.float32)
+    best = np.inf
+    for multiply in (lambda: torch.from_numpy(a) @ torch.from_numpy(b), lambda: a @ b):
+        multiply()
+        for _ in range(repeats):
+            start = time.perf_counter()
+            multiply()
+            best = min(best, time.perf_counter() - start)
+    return 2 * 4096 * d * 16384 / best
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def bench_speed(args) -> None:
+    x, labels = clustered_embeddings(args.n, args.d, args.per_class)
+    rate = gemm_rate(args.d)
+    work = 2.0 * args.n * args.n * args.d
+    print(f"N={args.n} d={args.d} classes={labels.max() + 1}; GEMM rate {rate / 1e9:.1f} GFLOP/s; "
+          f"2*N^2*d = {work / 1e12:.2f} TFLOP -> {work / rate:.1f} s at that rate")
+
+    def raw_faiss():
+        index = faiss.IndexFlatIP(args.d)
+        index.add(x)
+        return index.search(x, 100)
+
+    _, t_faiss = timed(raw_faiss)
+    ours, t_ours = timed(lambda: retrieval_metrics(x, labels, ks=(1, 10, 100), progress=False))
+    rows, names = [{"time_s": t_faiss, "vs_faiss": 1.0, "gemm_fraction": work / rate / t_faiss}], ["faiss IndexFlatIP k=100"]
+    rows.append({"time_s": t_ours, "vs_faiss": t_ours / t_faiss, "gemm_fraction": work / rate / t_ours})
+    names.append("metrank R@1,10,100+MAP@R")
+    if not args.skip_pml:
+        from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+
+        calculator = AccuracyCalculator(include=("precision_at_1", "mean_average_precision_at_r"), k="max_bin_count")
+        pml, t_pml = timed(lambda: calculator.get_accuracy(torch.from_numpy(x), torch.from_numpy(labels)))
+        rows.append({"time_s": t_pml, "vs_faiss": t_pml / t_faiss, "gemm_fraction": work / rate / t_pml})
+        names.append("PML AccuracyCalculator")
+        print(format_table(rows, names))
+        print(f"metrank / PML time: {t_ours / t_pml:.3f}")
+        print(f"max |metrank - PML|: P@1 {abs(ours['P@1'] - pml['precision_at_1']):.2e}, "
+              f"MAP@R {abs(ours['MAP@R'] - pml['mean_average_precision_at_r']):.2e} "
+              "(PML ranks by L2 distance; on unit vectors only rounding-level near-ties can differ)")
+    else:
+        print(format_table(rows, names))
+    print(format_table(ours))
+
+
+def bench_memory(args) -> None:
+    gallery, labels = clustered_embeddings(args.memory_n, args.d, args.per_class)
+    query_rows = np.random.default_rng(3).choice(args.memory_n, args.queries, replace=False)
+    query, query_labels = gallery[query_rows] + 0.0, labels[query_rows]
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    ours, seconds = timed(lambda: retrieval_metrics(query, query_labels, gallery, labels, ks=(1, 10, 100)))
+    rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    rate = gemm_rate(args.d)
+    work = 2.0 * args.queries * args.memory_n * args.d
+    print(f"gallery {args.memory_n} x {args.d} ({gallery.nbytes / 2 ** 30:.2f} GiB), {args.queries} queries: "
+          f"{seconds:.1f} s, {work / rate / seconds:.0%} of the {rate / 1e9:.0f} GFLOP/s GEMM bound")
+    print(f"peak RSS {rss_peak:.2f} GiB (after building the data: {rss_before:.2f} GiB)")
+    print(format_table(ours))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=100_000, help="embeddings (queries = gallery, leave-one-out)")
+    parser.add_argument("--d", type=int, default=512)
+    parser.add_argument("--per-class", type=int, default=5)
+    parser.add_argument("--skip-pml", action="store_true")
+    parser.add_argument("--memory-n", type=int, default=0, help="gallery size for the memory run (e.g. 1000000)")
+    parser.add_argument("--queries", type=int, default=2000, help="queries in the memory run")
+    args = parser.parse_args()
+    print(f"faiss {faiss.__version__}, torch {torch.__version__}, {faiss.omp_get_max_threads()} threads")
+    bench_memory(args) if args.memory_n else bench_speed(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""CrossModalLoss under real 2-process DDP (gloo, CPU) equals the single-process loss on the concatenated batch.
+
+Correspondence checked: each rank computes the local-loss form (its own anchors against every rank's references via
+``all_gather_with_grad``). For a mean-reduced loss with the same number of positive pairs per rank,
+``L_global = (1/W)·Σ_r L_r``; the gather's backward all-reduces the reference-side gradients, so rank r's
+embeddings receive ``∂(Σ_r' L_r')/∂x_r``, and DDP's gradient *averaging* over the W ranks then gives exactly
+``∂L_global/∂θ``. So: mean of the rank losses == single-process loss, and DDP parameter gradients ==
+single-process gradients (no extra factor W).
+"""
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from metrank.losses import CrossModalLoss, HardNegativeLoss, InfoNCELoss
+
+WORLD = 2
+
+
+class PairModel(nn.Module):
+    """Two linear towers plus the loss, so DDP also averages the loss's own parameters (InfoNCE's logit scale)."""
+
+    def __init__(self, loss: nn.Module) -> None:
+        super().__init__()
+        self.image, self.text, self.loss = nn.Linear(6, 4), nn.Linear(6, 4), CrossModalLoss(loss)
+
+    def forward(self, image_x, text_x, ids):
+        return self.loss(F.normalize(self.image(image_x), dim=1), F.normalize(self.text(text_x), dim=1), ids)
+
+
+def build(loss_name: str) -> PairModel:
+    torch.manual_seed(0)
+    loss = InfoNCELoss() if loss_name == "infonce" else HardNegativeLoss(margin=0.5)
+    return PairModel(loss).double()
+
+
+def global_batch():
+    g = torch.Generator().manual_seed(1)
+    image_x, text_x = torch.randn(8, 6, generator=g, dtype=torch.float64), torch.randn(8, 6, generator=g,
+                                                                                       dtype=torch.float64)
+    # duplicated ids within a rank (0, 2) and across ranks (7); 7 positive pairs per rank and direction
+    ids = torch.tensor([0, 0, 1, 7, 2, 2, 3, 7])
+    return image_x, text_x, ids
+
+
+def worker(rank, port, expected):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        for loss_name, (expected_loss, expected_grads) in expected.items():
+            model = DistributedDataParallel(build(loss_name))
+            image_x, text_x, ids = (t.chunk(WORLD)[rank] for t in global_batch())
+            loss = model(image_x, text_x, ids)
+            loss.backward()
+            mean_loss = loss.detach().clone()
+            dist.all_reduce(mean_loss)
+            torch.testing.assert_close(mean_loss / WORLD, expected_loss, rtol=1e-12, atol=1e-12, msg=loss_name)
+            for name, param in model.module.named_parameters():
+                torch.testing.assert_close(param.grad, expected_grads[name], rtol=1e-10, atol=1e-12,
+                                           msg=f"{loss_name}: {name}")
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def single_process(loss_name):
+    model = build(loss_name)
+    loss = model(*global_batch())
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    assert all(g.abs().sum() > 0 for g in grads.values())
+    return loss.detach(), grads
+
+
+def test_ddp_equals_single_process_for_infonce_and_hard_negative():
+    expected = {name: single_process(name) for name in ("infonce", "hard_negative")}
+    mp.spawn(worker, args=(free_port(), expected), nprocs=WORLD, join=True)
