@@ -17,7 +17,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -101,11 +101,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--max-pml-gib", type=float, default=3.0,
                         help="skip PML baselines projected to allocate more than this")
     parser.add_argument("--only", nargs="*", default=None, help="substrings of the loss names to run")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if any(b < 8 or b % 4 for b in args.batch_sizes):
         raise ValueError("batch sizes must be multiples of 4 and >= 8 (4 samples per class)")
 
-    rows: List[Dict[str, str]] = []
     header = f"{'loss':<20} {'B':>5} {'ours ms':>9} {'PML ms':>9} {'time ratio':>10} {'ours MiB':>9} {'PML MiB':>9}"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, d={args.dim}")
     print(header)
@@ -117,7 +119,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             t_ours, m_ours = measure(ours, leaves, args.repeats)
             pml_ms = pml_mib = ratio = "-"
             if theirs is not None and pml_gib > args.max_pml_gib:
-                pml_ms, pml_mib, ratio = f"skip", f">{pml_gib:.0f}GiB", "-"
+                pml_ms, pml_mib, ratio = "skip", f">{pml_gib:.0f}GiB", "-"
             elif theirs is not None:
                 t_pml, m_pml = measure(theirs, leaves, args.repeats)
                 pml_ms, pml_mib, ratio = f"{1e3 * t_pml:.1f}", f"{m_pml:.0f}", f"{t_ours / t_pml:.2f}"

@@ -17,10 +17,11 @@ MAX_REQUEST = 400_000
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
     from metrank.data import create_dataset
+    from metrank.encoders import create_model
 
     data = create_dataset("emoji", split="test")
     google = [i for i, v in enumerate(data.image_views) if v == "google"][:16]
-    retriever = Retriever.create(model="lite0-minilm")
+    retriever = Retriever.create(model=create_model("lite0-minilm", image_size=128))
     retriever.add(images=[data.images[i] for i in google], progress=False,
                   metadata=[{"name": data.captions[i], "group": "emoji"} for i in google])
     rng = np.random.default_rng(0)

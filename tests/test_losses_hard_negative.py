@@ -6,7 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metrank.losses import CrossModalLoss, HardNegativeLoss, NoValidTupleWarning, TripletAlignmentLoss, create_loss
+from metrank.losses import (LOSSES, CrossModalLoss, HardNegativeLoss, NoValidTupleWarning, TripletAlignmentLoss,
+                            TripletMarginLoss, create_loss)
+from metrank.miners import create_miner
 
 # Images e0, e1, e2 and unit-norm texts chosen so S = I·Tᵀ = [[.6, .48, .64], [.64, .6, .48], [.48, .64, .6]].
 HAND_I = torch.eye(3, dtype=torch.float64)
@@ -155,3 +157,18 @@ def test_bad_input():
         TripletAlignmentLoss(tau=0)
     with pytest.raises(ValueError, match="reduction"):
         HardNegativeLoss(reduction="max")
+
+
+def test_vsepp_equals_cosine_triplet_on_cross_modal_hardest_triplets():
+    im, s, ids = unit(12, 6, 17), unit(12, 6, 18), torch.tensor([0, 0, 1, 2, 3, 3, 4, 5, 6, 7, 8, 9])
+    vsepp = HardNegativeLoss(reduction="sum")(im, ids, ref_emb=s, ref_labels=ids)
+    triplets = create_miner("cross_modal_hardest")(im, ids, s, ids)
+    triplet = TripletMarginLoss(0.2, "cosine", miner="cross_modal_hardest", reduction="sum")
+    assert triplet(im, ids, ref_emb=s, ref_labels=ids).item() == pytest.approx(vsepp.item(), rel=1e-10)
+    restricted = HardNegativeLoss(reduction="sum")(im, ids, indices_tuple=triplets, ref_emb=s, ref_labels=ids)
+    assert restricted.item() == pytest.approx(vsepp.item(), rel=1e-10)
+
+
+def test_registry_names():
+    assert {"triplet", "hard_negative", "tal", "quadruplet", "infonce", "mnr", "contextual", "cprd"} <= set(
+        LOSSES.names())

@@ -9,7 +9,6 @@ from pytorch_metric_learning.distances import CosineSimilarity, LpDistance
 from pytorch_metric_learning import miners as pml_miners
 
 from metrank.losses import NoValidTupleWarning, TripletMarginLoss, create_loss
-from metrank.miners import create_miner
 
 # Four unit vectors, classes {0, 1} and {2, 3}; cosine similarities S01 = 0.6, S02 = 0.8, S03 = 0, S12 = 0.96,
 # S13 = 0.8, S23 = 0.6.

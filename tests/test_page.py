@@ -53,10 +53,11 @@ def _dump_dom(url, profile):
 @pytest.fixture(scope="module")
 def served_emoji():
     from metrank.data import create_dataset
+    from metrank.encoders import create_model
 
     data = create_dataset("emoji", split="test")
     google = [i for i, v in enumerate(data.image_views) if v == "google"][:24]
-    retriever = Retriever.create(model="lite0-minilm")
+    retriever = Retriever.create(model=create_model("lite0-minilm", image_size=128))
     retriever.add(images=[data.images[i] for i in google], metadata=[{"name": data.captions[i]} for i in google],
                   progress=False)
     retriever.add(texts=["a cat", "a smiling face"], progress=False)

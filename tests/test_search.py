@@ -286,11 +286,12 @@ def test_killed_add_keeps_last_saved_state(tmp_path):
 # ------------------------------------------------------------------------------------------------ real model
 def test_image_and_text_search_with_lite0_minilm(tmp_path):
     from metrank.data import create_dataset
+    from metrank.encoders import create_model
 
     data = create_dataset("emoji", split="test")
-    google = [i for i, v in enumerate(data.image_views) if v == "google"][:24]
-    twitter = [i for i, v in enumerate(data.image_views) if v == "twitter"][:24]
-    retriever = Retriever.create(model="lite0-minilm")
+    google = [i for i, v in enumerate(data.image_views) if v == "google"][:12]
+    twitter = [i for i, v in enumerate(data.image_views) if v == "twitter"][:12]
+    retriever = Retriever.create(model=create_model("lite0-minilm", image_size=128))  # 64 px emoji: 128 px input
     image_ids = retriever.add(images=[data.images[i] for i in google], progress=False,
                               metadata=[{"name": data.captions[i], "label": int(data.image_labels[i])} for i in google])
     text_ids = retriever.add(texts=[data.captions[i] for i in google], progress=False)
@@ -308,12 +309,50 @@ def test_image_and_text_search_with_lite0_minilm(tmp_path):
     captions = model.embed_texts([data.captions[i] for i in google], progress=False)
     _check_equal([retriever.search(image=data.images[google[0]], k=5, modality="text")],
                  _brute(gallery[:1], text_ids, captions, 5))
-    # cross-vendor instance retrieval with frozen towers finds the same emoji far above chance (5/24)
-    hit5 = np.mean([data.image_labels[twitter[j]] in
-                    [h.metadata["label"] for h in retriever.search_vectors(queries[j:j + 1], k=5, modality="image")[0]]
-                    for j in range(len(twitter))])
-    assert hit5 > 0.4
+    # cross-vendor instance retrieval with frozen towers finds the same emoji far above chance (1/12)
+    top1 = [row[0].metadata["label"] for row in retriever.search_vectors(queries, k=1, modality="image")]
+    assert np.mean(np.array(top1) == data.image_labels[twitter]) >= 0.5
     retriever.save(str(tmp_path))
     loaded = Retriever.load(str(tmp_path))  # rebuilds the very same model from the saved checkpoint
     again = loaded.search(text="smiling face", k=5, modality="image")
     assert [h.id for h in again] == [h.id for h in retriever.search(text="smiling face", k=5, modality="image")]
+
+
+# ------------------------------------------------------------------------------------------------ command line
+def test_cli_index_and_search(tmp_path, capsys):
+    import argparse
+    import json
+
+    from metrank.commands import search as search_command
+
+    parser = argparse.ArgumentParser(prog="metrank")
+    search_command.register(parser.add_subparsers())
+
+    def run(*argv):
+        args = parser.parse_args([str(a) for a in argv])
+        return args.func(args)
+
+    rng = np.random.default_rng(4)
+    vectors = _unit(rng, 300)
+    np.save(tmp_path / "emb.npy", vectors)
+    with open(tmp_path / "emb.jsonl", "w") as f:
+        for i in range(300):
+            f.write(json.dumps({"id": i, "text": f"caption {i}", "metadata": {"c": i % 4}}) + "\n")
+    assert run("index", tmp_path / "idx", "--vectors", tmp_path / "emb.npy", "--items", tmp_path / "emb.jsonl",
+               "--hubness", "nnn", "--bank", tmp_path / "emb.npy", "--hubness-param", "alpha=0.5") == 0
+    np.save(tmp_path / "q.npy", vectors[7])
+    capsys.readouterr()
+    assert run("search", tmp_path / "idx", "--vector", tmp_path / "q.npy", "-k", "4", "--filter", "c=3",
+               "--filter", "c=1", "--no-hubness", "--json") == 0
+    hits = json.loads(capsys.readouterr().out)
+    keep = np.isin(np.arange(300) % 4, [1, 3])
+    _check_equal([[type("H", (), h) for h in hits]], _brute(vectors[7:8], np.arange(300), vectors, 4, keep))
+    assert all(h["modality"] == "text" and h["text"] == f"caption {h['id']}" for h in hits)
+    assert run("search", tmp_path / "idx", "--vector", ",".join(map(str, vectors[5])), "-k", "2") == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:4] == ["rank", "id", "score", "modality"] and table[1].split()[1] == "5"
+    with pytest.raises(ValueError, match="dimension"):
+        run("search", tmp_path / "idx", "--vector", "0.1,0.2")
+    with pytest.raises(ValueError, match="key=value"):
+        run("search", tmp_path / "idx", "--vector", tmp_path / "q.npy", "--filter", "c")
+    assert Retriever.load(str(tmp_path / "idx")).stats()["hubness"]["alpha"] == 0.5

@@ -45,8 +45,9 @@ class CrossModalLoss(nn.Module):
     + loss(txt, ids, ref_emb=img_g, ref_labels=ids_g)]`` (``combine="sum"`` drops the ½). Rows sharing an id (several
     captions of one image) are positives of each other, never false negatives. Under ``torch.distributed`` the
     reference side ``*_g`` is every rank's batch (:func:`metrank.distributed.all_gather_with_grad`) while anchors stay
-    local ("local loss" form): with equal per-rank batches and a mean-reduced loss, the mean of the rank losses is the
-    loss of the concatenated global batch and DDP's gradient averaging yields its gradient.
+    local ("local loss" form): when every rank has the same number of positive pairs (e.g. equal batches of unique
+    ids) and the loss is mean-reduced, the mean of the rank losses is the loss of the concatenated global batch and
+    DDP's gradient averaging yields its gradient (tests/test_ddp.py).
 
     For CLIP's InfoNCE, ``CrossModalLoss(InfoNCELoss())`` is exactly ``½[CE(s·I·Tᵀ) + CE(s·T·Iᵀ)]``; for VSE++,
     ``CrossModalLoss(HardNegativeLoss(reduction="sum"), combine="sum")`` is exactly Faghri et al.'s loss.

@@ -274,9 +274,10 @@ class Retriever:
         metadata = [{} for _ in range(n)] if metadata is None else list(metadata)
         if len(metadata) != n or not all(isinstance(m, Mapping) for m in metadata):
             raise ValueError(f"metadata must be a list of {n} dicts (one per item), got {len(metadata)} entries")
+        metadata_json = []
         for j, m in enumerate(metadata):
             try:
-                json.dumps(dict(m))
+                metadata_json.append(json.dumps(dict(m), ensure_ascii=False))
             except (TypeError, ValueError) as err:
                 raise ValueError(f"metadata[{j}] is not JSON-serialisable: {err}") from None
         if ids is not None:
@@ -291,7 +292,7 @@ class Retriever:
         modality = kind
         with self._lock.write():
             ids = np.arange(self._next_id, self._next_id + n, dtype=np.int64) if ids is None else ids.astype(np.int64)
-            self.store.insert(ids, modality, vectors, metadata, paths=paths, texts=texts_column)
+            self.store.insert(ids, modality, vectors, metadata_json, paths=paths, texts=texts_column)
             try:
                 self.index.add(vectors, ids)
             except BaseException:

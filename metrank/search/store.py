@@ -106,17 +106,19 @@ class ItemStore:
             row = self._db.execute("SELECT MAX(id) FROM items").fetchone()
         return 0 if row[0] is None else int(row[0]) + 1
 
-    def insert(self, ids: Sequence[int], modality: str, vectors: np.ndarray, metadata: Sequence[Mapping[str, Any]],
+    def insert(self, ids: Sequence[int], modality: str, vectors: np.ndarray, metadata_json: Sequence[str],
                paths: Optional[Sequence[Optional[str]]] = None, texts: Optional[Sequence[Optional[str]]] = None) -> None:
-        """Insert items in one transaction; raises ``ValueError`` (and inserts nothing) if an id already exists."""
+        """Insert items (metadata as JSON object strings) in one transaction; raises ``ValueError`` (and inserts
+        nothing) if an id already exists."""
         if modality not in MODALITIES:
             raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
         n = len(ids)
         paths = paths if paths is not None else [None] * n
         texts = texts if texts is not None else [None] * n
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        rows = [(int(i), modality, p, t, json.dumps(dict(m), ensure_ascii=False), vectors[j].tobytes())
-                for j, (i, p, t, m) in enumerate(zip(ids, paths, texts, metadata))]
+        rows = [(int(i), modality, p, t, m, vectors[j].tobytes())
+                for j, (i, p, t, m) in enumerate(zip(ids.tolist() if isinstance(ids, np.ndarray) else ids, paths,
+                                                     texts, metadata_json))]
         with self._lock:
             try:
                 with self._db:

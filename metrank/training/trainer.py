@@ -187,7 +187,7 @@ class Trainer:
         self.eval_feats = make(self.model, open_dataset(cfg, cfg.data.eval_split), cfg, cfg.data.eval_split,
                                self.device)
 
-        torch.manual_seed(cfg.train.seed)  # head init / state independent of how the features were obtained
+        torch.manual_seed(cfg.train.seed)  # same RNG state at step 1 whether the features were cached or computed
         text_dim = self.train_feats.text.shape[1] if isinstance(self.train_feats, PairFeatures) else None
         names = find_head_parameters(self.model, self.train_feats.image.shape[1], text_dim)
         self.heads = HeadsAndLoss(self.model, names, self.loss, cfg.task, self.miner)
