@@ -121,6 +121,10 @@ def main(argv=None) -> int:
     times, wall = _timed_loop(lambda i: retriever.search_vectors(queries[i:i + 1], args.k,
                                                                  filter={"category": i % 100}), args.queries)
     rows.append(_latency_row("Retriever.search, 1% filter", times, wall, base))
+    times, wall = _timed_loop(lambda i: retriever.search_vectors(queries[i:i + 1], args.k,
+                                                                 filter={"category": list(range(i % 90, i % 90 + 10))}),
+                              args.queries)
+    rows.append(_latency_row("Retriever.search, 10% filter", times, wall, base))
     t = time.perf_counter()
     raw.search(queries, args.k)
     batched = time.perf_counter() - t

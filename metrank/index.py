@@ -189,7 +189,10 @@ class Index:
             ids = np.arange(self._max_id() + 1, self._max_id() + 1 + x.shape[0], dtype=np.int64)
         else:
             ids = _as_ids(ids, x.shape[0])
-        self._cpu.add_with_ids(x, ids)
+        try:
+            self._cpu.add_with_ids(x, ids)
+        except RuntimeError as err:  # e.g. a bare, non-empty index loaded from someone else's file
+            raise ValueError(f"index {self.spec!r} cannot store ids ({err.args[0].splitlines()[-1]})") from None
         self._next_id = max(self._max_id(), int(ids.max())) + 1
         self._gpu = None
         return ids

@@ -8,8 +8,10 @@ How the exact top-k is found fast: an exact FAISS flat index (GPU when present) 
 each query (``k + 2`` when the query itself must be skipped). Its *set of scores* is exact, but FAISS does not order
 equal scores by index. So (1) inside the returned list, rows with equal neighbouring scores are re-sorted by
 (score, index); (2) a row whose ``k``-th and ``k+1``-th scores are equal (a tie across the cut, where FAISS may have
-kept the wrong item) is recomputed against the whole gallery with a tie-exact selection. Queries are processed in
-chunks, so memory is O(chunk x k) plus FAISS's fixed-size GEMM blocks -- never an N x N matrix.
+kept the wrong item) is recomputed against the whole gallery with a tie-exact selection. Bit-identical gallery
+vectors are indexed once and expanded back (BLAS rounds one dot product differently depending on the column's place
+in the matrix, which would otherwise split such exact duplicates). Queries are processed in chunks, so memory is
+O(chunk x k) plus FAISS's fixed-size GEMM blocks -- never an N x N matrix.
 
 Class-label retrieval (``retrieval_metrics``; Musgrave et al., "A Metric Learning Reality Check", ECCV 2020):
 
@@ -71,13 +73,57 @@ def _torch_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _gallery_scores(q: torch.Tensor, gallery: torch.Tensor, metric: str, gallery_sq_norms: Optional[torch.Tensor]
-                    ) -> torch.Tensor:
-    """Scores where higher is better: inner products, or negated squared L2 distances."""
-    ip = q @ gallery.T
-    if metric == "ip":
-        return ip
-    return 2 * ip - gallery_sq_norms[None, :] - (q * q).sum(1, keepdim=True)
+def _first_identical_row(x: np.ndarray) -> Optional[np.ndarray]:
+    """``canonical[i]`` = the lowest index of a row bit-identical to row i (-0.0 counted as 0.0); ``None`` when all
+    rows differ. A 64-bit hash per row finds candidates; candidates are then compared byte for byte."""
+    n, d = x.shape
+    weights = np.random.default_rng(0).integers(1, 1 << 62, d, dtype=np.int64) | 1
+    hashes = np.empty(n, np.int64)
+    for start in range(0, n, 16384):
+        bits = (x[start:start + 16384] + np.float32(0)).view(np.int32)  # + 0 turns -0.0 into 0.0
+        hashes[start:start + 16384] = (bits.astype(np.int64) * weights).sum(1)  # wraps around: a hash
+    _, inverse, counts = np.unique(hashes, return_inverse=True, return_counts=True)
+    suspects = np.flatnonzero(counts[inverse.ravel()] > 1)
+    if not len(suspects):
+        return None
+    rows = np.ascontiguousarray(x[suspects] + np.float32(0)).view(np.dtype((np.void, 4 * d))).ravel()
+    _, first, group = np.unique(rows, return_index=True, return_inverse=True)
+    canonical = np.arange(n)
+    canonical[suspects] = suspects[first[group.ravel()]]
+    return None if (canonical[suspects] == suspects).all() else canonical
+
+
+class GalleryScorer:
+    """Whole-gallery scores (higher is better: inner products, or negated squared L2 distances) for query chunks.
+
+    Identical gallery vectors get bit-identical scores: BLAS kernels may round the same dot product differently
+    depending on where a column falls in the matrix, so each distinct vector is scored once and its score is copied
+    to all its duplicates (which then tie, and rank by index).
+    """
+
+    def __init__(self, gallery: np.ndarray, metric: str = "ip", device: str = "auto") -> None:
+        self.metric = metric
+        self.n = len(gallery)
+        canonical = _first_identical_row(gallery)
+        if canonical is None:
+            self.distinct_rows, self.slot = np.arange(self.n), None
+        else:
+            self.distinct_rows = np.flatnonzero(canonical == np.arange(self.n))
+            self.slot = np.searchsorted(self.distinct_rows, canonical)  # distinct vector of each gallery row
+        self.vectors = gallery if self.slot is None else gallery[self.distinct_rows]
+        self.device = _torch_device(device)
+        self._vectors: Optional[torch.Tensor] = None
+
+    def __call__(self, q: np.ndarray) -> torch.Tensor:
+        if self._vectors is None:  # made on first use: most evaluations never rescore
+            self._vectors = torch.from_numpy(self.vectors).to(self.device)
+            self._sq_norms = (self._vectors * self._vectors).sum(1) if self.metric == "l2" else None
+            self._slot = None if self.slot is None else torch.from_numpy(self.slot).to(self.device)
+        qt = torch.from_numpy(q).to(self.device)
+        s = qt @ self._vectors.T
+        if self.metric == "l2":
+            s = 2 * s - self._sq_norms[None, :] - (qt * qt).sum(1, keepdim=True)
+        return s if self._slot is None else s[:, self._slot]
 
 
 def _topk_tie_stable(scores: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -105,60 +151,76 @@ def _sort_ties_by_index(scores: np.ndarray, ids: np.ndarray) -> None:
 
 
 class ExactKNN:
-    """Exact, tie-stable k-NN of query chunks against a fixed gallery (see the module docstring)."""
+    """Exact, tie-stable k-NN of query chunks against a fixed gallery (see the module docstring).
+
+    The FAISS index holds each distinct gallery vector once (``GalleryScorer``); a hit on a vector stands for all
+    its identical copies, which are expanded back in index order.
+    """
 
     def __init__(self, gallery: Array, metric: str = "ip", device: str = "auto") -> None:
         self.gallery = _as_float32(gallery, "gallery")
         self.metric = metric
-        self.device = device
+        self.scorer = GalleryScorer(self.gallery, metric, device)
         self.index = create_index("Flat", self.gallery.shape[1], metric=metric, device=device)
-        self.index.add(self.gallery)
-        self._torch_gallery: Optional[torch.Tensor] = None
-        self._sq_norms: Optional[torch.Tensor] = None
+        self.index.add(self.scorer.vectors)
+        if self.scorer.slot is not None:
+            self.members = np.argsort(self.scorer.slot, kind="stable")  # gallery rows grouped by distinct vector
+            self.group_size = np.bincount(self.scorer.slot)
+            self.group_start = np.cumsum(self.group_size) - self.group_size
 
     def __len__(self) -> int:
         return self.gallery.shape[0]
 
     def search(self, q: np.ndarray, k: int, self_ids: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
-        """Top-k (scores where higher is better, ids) of each row of ``q``; ``self_ids[i]`` (if given) is a gallery
-        row that query i must skip. Slots beyond the available items hold id -1, score -inf."""
-        n_queries, n_gallery = q.shape[0], len(self)
-        skip = self_ids is not None
-        k_search = min(k + 1 + int(skip), n_gallery)
-        scores, ids = self.index.search(q, k_search)
+        """Top-k (scores where higher is better, gallery rows) of each row of ``q``; ``self_ids[i]`` (if given) is a
+        gallery row that query i must skip. Slots beyond the available items hold row -1, score -inf."""
+        width = k + 1 + int(self_ids is not None)  # enough to see one item past the cut once self is skipped
+        scores, ids = self.index.search(q, min(width, self.index.ntotal))
         if self.metric == "l2":
             scores = -scores
-        if skip:
-            drop = ids == self_ids[:, None]
-            drop[~drop.any(1), -1] = True
-            keep = ~drop
-            scores = scores[keep].reshape(n_queries, k_search - 1)
-            ids = ids[keep].reshape(n_queries, k_search - 1)
-        cut_ties = np.flatnonzero(scores[:, k - 1] == scores[:, k]) if scores.shape[1] > k else np.empty(0, np.int64)
+        if self.scorer.slot is not None:
+            scores, ids = self._expand_duplicates(scores, ids, width)
+        if self_ids is not None:
+            is_self = ids == self_ids[:, None]
+            scores[is_self], ids[is_self] = -np.inf, -1
+            order = np.argsort(ids < 0, axis=1, kind="stable")  # empty slots to the end, order kept otherwise
+            scores, ids = np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+        cut_ties = np.flatnonzero((ids[:, k] >= 0) & (scores[:, k - 1] == scores[:, k])) if ids.shape[1] > k \
+            else np.empty(0, np.int64)
         scores, ids = np.ascontiguousarray(scores[:, :k]), np.ascontiguousarray(ids[:, :k])
         _sort_ties_by_index(scores, ids)
         if len(cut_ties):
-            scores[cut_ties], ids[cut_ties] = self._rescore(q[cut_ties], k, None if not skip else self_ids[cut_ties])
+            scores[cut_ties], ids[cut_ties] = self._rescore(q[cut_ties], k, None if self_ids is None else
+                                                            self_ids[cut_ties])
         if scores.shape[1] < k:  # fewer than k items exist
             pad = k - scores.shape[1]
             scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
             ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
         return scores, ids
 
+    def _expand_duplicates(self, scores: np.ndarray, slots: np.ndarray, width: int) -> Tuple[np.ndarray, np.ndarray]:
+        """Replace each hit on a distinct vector by its gallery rows (ascending), keeping ``width`` per query."""
+        n = len(slots)
+        counts = np.minimum(self.group_size[slots], width).ravel()
+        totals = counts.reshape(n, -1).sum(1)
+        offset_in_group = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+        rows = self.members[np.repeat(self.group_start[slots.ravel()], counts) + offset_in_group]
+        query = np.repeat(np.arange(n), totals)
+        column = np.arange(len(query)) - np.repeat(np.cumsum(totals) - totals, totals)
+        keep = column < width
+        out_scores, out_ids = np.full((n, width), -np.inf, np.float32), np.full((n, width), -1, np.int64)
+        out_scores[query[keep], column[keep]] = np.repeat(scores.ravel(), counts)[keep]
+        out_ids[query[keep], column[keep]] = rows[keep]
+        return out_scores, out_ids
+
     def _rescore(self, q: np.ndarray, k: int, self_ids: Optional[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
         """Whole-gallery tie-exact top-k for a few rows (those with a tie across the cut)."""
-        device = _torch_device(self.device)
-        if self._torch_gallery is None:
-            self._torch_gallery = torch.from_numpy(self.gallery).to(device)
-            if self.metric == "l2":
-                self._sq_norms = (self._torch_gallery ** 2).sum(1)
         out_scores, out_ids = np.empty((len(q), k), np.float32), np.empty((len(q), k), np.int64)
         rows = max(1, ELEMENTS_PER_CHUNK // len(self))
         for start in range(0, len(q), rows):
-            qt = torch.from_numpy(q[start:start + rows]).to(device)
-            s = _gallery_scores(qt, self._torch_gallery, self.metric, self._sq_norms)
+            s = self.scorer(q[start:start + rows])
             if self_ids is not None:
-                s[torch.arange(len(qt)), torch.from_numpy(self_ids[start:start + rows]).to(device)] = -torch.inf
+                s[torch.arange(len(s)), torch.from_numpy(self_ids[start:start + rows]).to(s.device)] = -torch.inf
             vals, cols = _topk_tie_stable(s, k)
             out_scores[start:start + rows], out_ids[start:start + rows] = vals.cpu().numpy(), cols.cpu().numpy()
         return out_scores, out_ids
@@ -282,15 +344,14 @@ def first_relevant_rank(query: Array, query_labels: Array, gallery: Array, galle
     query_labels = _labels(query_labels, len(query), "query_labels")
     gallery_labels = _labels(gallery_labels, len(gallery), "gallery_labels")
     _check_metric(metric)
-    dev = _torch_device(device)
-    g = torch.from_numpy(gallery).to(dev)
+    scorer = GalleryScorer(gallery, metric, device)
+    dev = scorer.device
     g_labels = torch.from_numpy(gallery_labels).to(dev)
-    sq_norms = (g * g).sum(1) if metric == "l2" else None
     columns = torch.arange(len(gallery), device=dev)
     ranks = np.empty(len(query), np.int64)
     chunk_size = chunk_size or max(1, ELEMENTS_PER_CHUNK // len(gallery))
     for rows in _chunks(len(query), chunk_size, progress, "ranks"):
-        s = _gallery_scores(torch.from_numpy(query[rows]).to(dev), g, metric, sq_norms)
+        s = scorer(query[rows])
         is_relevant = torch.from_numpy(query_labels[rows]).to(dev)[:, None] == g_labels[None, :]
         best = torch.where(is_relevant, s, torch.tensor(-torch.inf, device=dev)).max(1, keepdim=True).values
         best_col = (is_relevant & (s == best)).to(torch.uint8).argmax(1, keepdim=True)  # first = lowest index

@@ -26,6 +26,11 @@ def lite0_minilm():
 
 
 @pytest.fixture(scope="module")
+def lite0():
+    return create_model("lite0")
+
+
+@pytest.fixture(scope="module")
 def reference_lite0():
     from efficientnet_lite_pytorch import EfficientNet
 
@@ -39,13 +44,13 @@ def real_images():
     return [open_rgb(p) for p in TUX_PHOTOS]
 
 
-def test_timm_lite0_reproduces_reference_logits(reference_lite0, real_images):
+def test_timm_lite0_reproduces_reference_logits(lite0, reference_lite0, real_images):
     import timm
 
     from metrank.encoders import load_lite0_imagenet_weights
 
     timm_lite0 = load_lite0_imagenet_weights(timm.create_model("tf_efficientnet_lite0")).eval()
-    model = create_model("lite0")  # same weights, normalisation used for both inputs below
+    model = lite0
     pixels = torch.cat([torch.stack([model.image_transform(im) for im in real_images]),
                         torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))])
     with torch.no_grad():
@@ -144,7 +149,7 @@ def test_unknown_model_names_list_valid_ones():
     assert {"lite0", "lite0-minilm", "timm", "open_clip"} <= set(MODELS.names())
 
 
-def test_pooling_against_numpy():
+def test_pooling_against_numpy(lite0):
     x = torch.rand(2, 5, 3, 4, dtype=torch.float64) + 0.1
     gem = GeneralizedMeanPooling(p=3.0).double()
     expected = np.mean(x.numpy() ** 3, axis=(2, 3)) ** (1 / 3)
@@ -153,12 +158,15 @@ def test_pooling_against_numpy():
     np.testing.assert_allclose(gem(x).detach().numpy(), x.numpy().mean(axis=(2, 3)), rtol=1e-12)
     assert torch.autograd.gradcheck(GeneralizedMeanPooling(p=2.5).double(), (x.requires_grad_(),))
     pixels = torch.randn(1, 3, 64, 64)
-    features = {kind: create_model("lite0", pooling=kind, image_size=64).image_features(pixels).detach()
-                for kind in ("avg", "max")}
-    trunk = create_model("lite0", image_size=64).image_backbone
-    fmap = trunk.forward_features(pixels).detach()
-    assert torch.allclose(features["avg"], fmap.mean(dim=(2, 3)), atol=1e-5)
-    assert torch.allclose(features["max"], fmap.amax(dim=(2, 3)), atol=1e-5)
+    with torch.no_grad():
+        fmap = lite0.image_backbone.forward_features(pixels)
+        assert torch.allclose(lite0.image_features(pixels), fmap.mean(dim=(2, 3)), atol=1e-5)
+        max_pooled = create_model("lite0", pooling="max", image_size=64).image_features(pixels)
+        assert torch.allclose(max_pooled, fmap.amax(dim=(2, 3)), atol=1e-5)
+        gem = create_model("lite0", pooling="gem", image_size=64)
+        assert isinstance(gem.image_backbone.global_pool, GeneralizedMeanPooling)
+        assert torch.allclose(gem.image_features(pixels), fmap.clamp(min=1e-6).pow(3).mean((2, 3)).pow(1 / 3),
+                              atol=1e-4)
 
 
 def test_freezing_stops_gradients_and_batchnorm_updates():

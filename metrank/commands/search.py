@@ -48,7 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     query = search.add_mutually_exclusive_group(required=True)
     query.add_argument("--text")
     query.add_argument("--image", help="query image file")
-    query.add_argument("--vector", help=".npy file (first row) or comma-separated floats")
+    query.add_argument("--vector", help=".npy file (first row) or comma-separated floats (write --vector=-0.1,... "
+                                        "when the first is negative)")
     search.add_argument("-k", type=int, default=10)
     search.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE",
                         help="metadata filter; repeat for AND, repeat a key for OR (a=1 --filter a=2)")
@@ -240,4 +241,6 @@ def run_serve(args: argparse.Namespace) -> int:
     print(f"serving {args.directory} ({len(retriever)} items) at http://{args.host}:{args.port}/ (docs: /docs)")
     serve(retriever, host=args.host, port=args.port, api_key=args.api_key,
           max_upload_bytes=int(args.max_upload_mb * (1 << 20)), max_request_bytes=int(args.max_request_mb * (1 << 20)))
+    if retriever.modified:  # items added/removed over HTTP since the last POST /save
+        print(f"saved changes to {retriever.save()}")
     return 0

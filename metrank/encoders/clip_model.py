@@ -11,12 +11,13 @@ pre-projection features, ``image_head``/``text_head`` the projection lifted out 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import open_clip
 from open_clip.hf_model import HFTextEncoder
@@ -47,6 +48,22 @@ def register_open_clip_config(prefix: str, model_cfg: Dict[str, Any]) -> str:
         file.write_text(text)
         open_clip.add_model_config(file)
     return name
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load report and progress bar inside the block, then restore them."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def split_image_tower(visual: nn.Module) -> Tuple[nn.Module, nn.Module]:
@@ -156,7 +173,8 @@ def build_lite0_minilm(pretrained: Pretrained = True, embed_dim: int = 256, imag
                          "use metrank.encoders.load_checkpoint(path)")
     name = register_open_clip_config("metrank-lite0-minilm",
                                      lite0_minilm_config(embed_dim, image_size, context_length, bool(pretrained)))
-    clip = open_clip.create_model(name, pretrained=None, pretrained_text=bool(pretrained))
+    with quiet_transformers():  # MiniLM's unused BERT pooler weights are expected, not worth a report
+        clip = open_clip.create_model(name, pretrained=None, pretrained_text=bool(pretrained))
     if pretrained:
         load_lite0_imagenet_weights(clip.visual.trunk)
     # Lite0 was trained on [-1, 1] inputs (TF preprocessing), not on CLIP's mean/std

@@ -170,6 +170,7 @@ class Retriever:
         self._lock = ReadWriteLock()
         self._save_lock = threading.Lock()
         self._next_id = max(int(store.get_info("next_id", 0)), store.next_id())
+        self.modified = False  # True after add/remove/set_hubness until the next save
 
     # ------------------------------------------------------------------------------------------------ creation
     @classmethod
@@ -302,6 +303,7 @@ class Retriever:
             self.store.set_info("next_id", self._next_id)
             if self.hubness is not None and self.hubness.modality in (None, modality):
                 self.hubness.add_items(ids, vectors)
+            self.modified = True
         return ids
 
     def remove(self, ids: Sequence[int]) -> int:
@@ -318,6 +320,7 @@ class Retriever:
             except ValueError:  # index type without removal (HNSW): rebuild it from the stored vectors
                 removed = self._rebuild_index_without(ids)
             self.store.delete(ids)
+            self.modified = True
             if self.hubness is not None:
                 stale = self.hubness.remove_items(ids)
                 if stale.size:
@@ -345,6 +348,7 @@ class Retriever:
         items of ``modality`` (None = all); ``method=None`` disables it. Biases of stored items are computed now,
         those of later items as they are added."""
         with self._lock.write():
+            self.modified = True
             if method is None:
                 self.hubness = None
                 return
@@ -394,7 +398,7 @@ class Retriever:
         with self._lock.read():
             where = self.store.where(filter, modality)
             rows = self._search_locked(queries, int(k), where, correct=hubness, modality=modality)
-            items = self.store.get([i for row in rows for i, _, _ in row])
+            items = self.store.get([i for row in rows for i, _, _ in row], with_vectors=False)
         return [[Hit(i, s, r, items[i].modality, items[i].metadata, items[i].path, items[i].text) for i, s, r in row]
                 for row in rows]
 
@@ -515,6 +519,7 @@ class Retriever:
                 raise
             _write_json_atomic(os.path.join(directory, MANIFEST), {"version": number, "snapshot": name})
             _fsync_dir(directory)
+            self.modified = False
         for entry in os.listdir(directory):  # older snapshots and leftovers of killed saves
             if entry != name and (_SNAPSHOT.match(entry) or (entry.startswith(".v") and entry.endswith(".tmp"))):
                 shutil.rmtree(os.path.join(directory, entry), ignore_errors=True)

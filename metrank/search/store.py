@@ -46,7 +46,7 @@ class Item:
     path: Optional[str]
     text: Optional[str]
     metadata: Dict[str, Any]
-    vector: np.ndarray
+    vector: Optional[np.ndarray]
 
     def to_dict(self, with_vector: bool = False) -> Dict[str, Any]:
         out = {"id": self.id, "modality": self.modality, "path": self.path, "text": self.text,
@@ -163,15 +163,16 @@ class ItemStore:
         with self._lock:
             return np.array([r[0] for r in self._db.execute("SELECT id FROM items ORDER BY id")], dtype=np.int64)
 
-    def get(self, ids: Sequence[int]) -> Dict[int, Item]:
+    def get(self, ids: Sequence[int], with_vectors: bool = True) -> Dict[int, Item]:
         """Items by id (missing ids are simply absent from the result)."""
         out: Dict[int, Item] = {}
+        columns = "id, modality, path, text, metadata" + (", vector" if with_vectors else "")
         with self._lock:
             for chunk in _chunks([int(i) for i in ids]):
-                for row in self._db.execute("SELECT id, modality, path, text, metadata, vector FROM items WHERE id IN "
-                                            f"({','.join('?' * len(chunk))})", chunk):
-                    out[row[0]] = Item(row[0], row[1], row[2], row[3], json.loads(row[4]),
-                                       np.frombuffer(row[5], dtype=np.float32))
+                for row in self._db.execute(f"SELECT {columns} FROM items WHERE id IN ({','.join('?' * len(chunk))})",
+                                            chunk):
+                    vector = np.frombuffer(row[5], dtype=np.float32) if with_vectors else None
+                    out[row[0]] = Item(row[0], row[1], row[2], row[3], json.loads(row[4]), vector)
         return out
 
     def vectors(self, where: Optional[Where] = None) -> Tuple[np.ndarray, np.ndarray]:

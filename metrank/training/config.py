@@ -89,7 +89,9 @@ class TrainLoopConfig:
     amp: bool = False  # autocast (bf16 on CPU, fp16/bf16 on CUDA)
     amp_dtype: str = "bfloat16"  # bfloat16 | float16
     device: str = "auto"  # auto | cpu | cuda
-    threads: Optional[int] = None  # torch.set_num_threads (small head matmuls often run faster on 1 thread)
+    # torch.set_num_threads for the head-training loop (after feature extraction): its small matmuls often run
+    # faster on 1 thread, especially when other processes share the cores
+    threads: Optional[int] = None
     feature_batch_size: int = 64
     max_steps: Optional[int] = None  # stop after this many optimizer steps (the schedule still spans all epochs)
     checkpoint_every: Optional[int] = None  # also write the training state every N steps (mid-epoch resume)

@@ -166,8 +166,6 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
-        if cfg.train.threads is not None:
-            torch.set_num_threads(cfg.train.threads)
         self.device = select_device(cfg.train.device)
         init_distributed(self.device.type)
         self.is_main = distributed.rank() == 0
@@ -187,6 +185,8 @@ class Trainer:
         self.eval_feats = make(self.model, open_dataset(cfg, cfg.data.eval_split), cfg, cfg.data.eval_split,
                                self.device)
 
+        if cfg.train.threads is not None:  # for the head-training loop; feature extraction used the default
+            torch.set_num_threads(cfg.train.threads)
         torch.manual_seed(cfg.train.seed)  # same RNG state at step 1 whether the features were cached or computed
         text_dim = self.train_feats.text.shape[1] if isinstance(self.train_feats, PairFeatures) else None
         names = find_head_parameters(self.model, self.train_feats.image.shape[1], text_dim)
