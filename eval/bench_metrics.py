@@ -27,7 +27,7 @@ def clustered_embeddings(n: int, d: int, per_class: int, seed: int = 0):
     centres = rng.standard_normal((labels.max() + 1, d), dtype=np.float32)
     x = np.empty((n, d), np.float32)
     for start in range(0, n, 65536):
-        part = centres[labels[start:start + 65536]] + 1.2 * rng.standard_normal((len(labels[start:start + 65536]), d),
+        part = centres[labels[start:start + 65536]] + 2.5 * rng.standard_normal((len(labels[start:start + 65536]), d),
                                                                              dtype=np.float32)
         x[start:start + 65536] = part / np.linalg.norm(part, axis=1, keepdims=True)
     return x, labels

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -57,8 +58,8 @@ def _start_server(directory: str) -> tuple:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-c", code, directory, str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    log = open(os.path.join(directory, "server.log"), "w")
+    proc = subprocess.Popen([sys.executable, "-c", code, directory, str(port)], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -131,6 +132,9 @@ def main(argv=None) -> int:
     rows.append({"setting": "raw FAISS, all queries in one batch", "qps": args.queries / batched,
                  "qps_vs_faiss": args.queries / batched / base["qps"]})
 
+    print(format_table(rows))
+    rows = [base]
+
     # ---- HTTP: uvicorn in a subprocess, concurrent clients on loopback
     proc, url = _start_server(directory)
     try:
@@ -149,9 +153,13 @@ def main(argv=None) -> int:
                 times = list(pool.map(one, range(args.queries)))
                 wall = time.perf_counter() - t
             rows.append(_latency_row(f"HTTP POST /search, {clients} client(s)", times, wall, base))
+    except requests.ConnectionError:
+        print(f"server exit code {proc.poll()}; its log:\n" + open(os.path.join(directory, "server.log")).read()[-3000:])
+        raise
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+        shutil.rmtree(directory, ignore_errors=True)
     print(format_table(rows))
     return 0
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -82,22 +82,33 @@ def image_text_baseline(cfg, model, device) -> Dict[str, Dict[str, float]]:
     return {f"frozen ridge (lambda={best})": ridge_metrics(train, test, best, cfg.eval.ks)}
 
 
-def metric_baseline(cfg, model, device) -> Dict[str, Dict[str, float]]:
-    dataset = open_dataset(cfg, cfg.data.eval_split)
-    test = label_features(model, dataset, cfg, cfg.data.eval_split, device)
-    emb, labels = _normalise(test.image.numpy()), test.labels.numpy()
-    rows = {"frozen features, leave-one-out": retrieval_metrics(emb, labels, ks=tuple(cfg.eval.ks), progress=False)}
-    views = getattr(dataset, "views", None)
-    if views is None:
-        views = getattr(dataset, "image_views", None)
-    if views is not None and cfg.data.max_classes is None and cfg.data.max_per_class is None:
+def view_metrics(emb: np.ndarray, labels: np.ndarray, views, ks: Sequence[int], prefix: str
+                 ) -> Dict[str, Dict[str, float]]:
+    """Leave-one-out Recall@K, and for data with exactly two views (emoji vendors) view B -> view A."""
+    rows = {f"{prefix}, leave-one-out": retrieval_metrics(emb, labels, ks=tuple(ks), progress=False)}
+    if views is not None and len(views) == len(labels):
         views = np.asarray(views)
         names = sorted(set(views.tolist()))
         if len(names) == 2:
             q, g = views == names[1], views == names[0]
-            rows[f"frozen features, {names[1]} -> {names[0]}"] = retrieval_metrics(
-                emb[q], labels[q], emb[g], labels[g], ks=tuple(cfg.eval.ks), progress=False)
+            rows[f"{prefix}, {names[1]} -> {names[0]}"] = retrieval_metrics(
+                emb[q], labels[q], emb[g], labels[g], ks=tuple(ks), progress=False)
     return rows
+
+
+def eval_views(dataset, cfg) -> Optional[np.ndarray]:
+    """Views of the evaluated items (None when the dataset has none or a subset is used)."""
+    views = getattr(dataset, "views", None)
+    if views is None or cfg.data.max_classes is not None or cfg.data.max_per_class is not None:
+        return None
+    return np.asarray(views)
+
+
+def metric_baseline(cfg, model, device) -> Dict[str, Dict[str, float]]:
+    dataset = open_dataset(cfg, cfg.data.eval_split)
+    test = label_features(model, dataset, cfg, cfg.data.eval_split, device)
+    return view_metrics(_normalise(test.image.numpy()), test.labels.numpy(), eval_views(dataset, cfg), cfg.eval.ks,
+                        "frozen features")
 
 
 def main(argv: Sequence[str] = None) -> int:

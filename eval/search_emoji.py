@@ -93,8 +93,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     with open(args.config) as f:
         config = yaml.safe_load(f)
-    checkpoint = args.checkpoint or os.path.join(os.path.dirname(args.config), "..", "..", config["output"]["dir"],
-                                                 "model_best.pt")
+    checkpoint = args.checkpoint or os.path.normpath(os.path.join(
+        os.path.dirname(os.path.abspath(args.config)), "..", "..", config["output"]["dir"], "model_best.pt"))
     vendors = args.vendors.split(",")
     names, labels = held_out_queries()
     print(f"{len(labels)} held-out identities; indexing their {'+'.join(vendors)} images")
@@ -108,8 +108,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         row_names.append("untrained model (baseline)")
     if not os.path.isfile(checkpoint):
         print(format_table(rows, names=row_names) if rows else "")
-        raise FileNotFoundError(f"no trained checkpoint at {checkpoint}: train first "
-                                f"(metrank train {os.path.relpath(args.config)}) or pass --checkpoint")
+        print(f"no trained checkpoint at {checkpoint}: train first (metrank train {os.path.relpath(args.config)}) "
+              "or pass --checkpoint", file=sys.stderr)
+        return 2
     trained = build(checkpoint, vendors, args.batch_size)
     rows.append(top10_rate(trained, names, labels))
     row_names.append(f"trained ({os.path.relpath(checkpoint)})")

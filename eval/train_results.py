@@ -22,7 +22,9 @@ sys.path.insert(0, str(REPO / "eval"))
 
 import frozen_baselines  # noqa: E402
 
-from metrank.training import load_config, train  # noqa: E402
+from metrank.training import Trainer, load_config  # noqa: E402
+from metrank.training.feature_sets import open_dataset  # noqa: E402
+from metrank.training.trainer import embed_features  # noqa: E402
 
 EMOJI = "train/configs/emoji_image_text.yaml"
 # (name, config, overrides): the image-text losses share one budget (epochs, batch, lr schedule, heads)
@@ -95,7 +97,7 @@ def plot(path: Path, runs: List[Dict[str, Any]], baselines: List[Dict[str, Any]]
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    emoji_runs = [r for r in runs if r["config"] == EMOJI]
+    emoji_runs = [r for r in runs if r["config"] == EMOJI and "rsum" in r["metrics"]]
     for key, ax in zip(("t2i_R@1", "rsum"), axes):
         for run in emoji_runs:
             points = [(rec["epoch"], rec[key]) for rec in run["records"] if key in rec]
@@ -136,12 +138,21 @@ def main(argv: Sequence[str] = None) -> int:
         overrides = overrides + [f"output.dir={args.runs}/{name}"] + \
             ([f"train.epochs={args.epochs}"] if args.epochs else [])
         start = time.perf_counter()
-        result = train(load_config(REPO / config, overrides))
-        runs.append({"name": name, "config": config, "metrics": result.metrics, "records": result.records,
-                     "best_epoch": result.best["epoch"], "wall_s": time.perf_counter() - start,
-                     "command": command(config, overrides)})
+        cfg = load_config(REPO / config, overrides)
+        trainer = Trainer(cfg)
+        result = trainer.fit()
+        wall = time.perf_counter() - start
+        rows = {name: result.metrics}
+        if cfg.task == "metric":  # also the cross-view protocol of the frozen baseline, on the final heads
+            emb = embed_features(trainer.heads.embed_images, trainer.eval_feats.image, trainer.device).numpy()
+            views = frozen_baselines.eval_views(open_dataset(cfg, cfg.data.eval_split), cfg)
+            rows = {k.replace("trained, leave-one-out", name): v for k, v in frozen_baselines.view_metrics(
+                emb, trainer.eval_feats.labels.numpy(), views, cfg.eval.ks, "trained").items()}
+        for row_name, metrics in rows.items():
+            runs.append({"name": row_name, "config": config, "metrics": metrics, "records": result.records,
+                         "best_epoch": result.best["epoch"], "wall_s": wall, "command": command(config, overrides)})
         shown = {k: round(result.metrics[k], 3) for k in (*IMAGE_TEXT_COLUMNS, "R@1") if k in result.metrics}
-        print(f"{name}: {shown} in {runs[-1]['wall_s']:.0f} s", flush=True)
+        print(f"{name}: {shown} in {wall:.0f} s", flush=True)
     out = Path(args.out)
     write_markdown(out / "results_emoji.md", runs, baselines)
     plot(out / "loss_comparison.png", runs, baselines)

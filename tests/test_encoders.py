@@ -9,7 +9,6 @@ import os
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from metrank.encoders import (MODELS, GeneralizedMeanPooling, create_model, load_checkpoint, read_checkpoint,
                               save_checkpoint)
@@ -137,7 +136,12 @@ def test_checkpoint_round_trip_restores_every_weight(tmp_path, lite0_minilm, rea
         load_checkpoint(tmp_path / "other.pt")
 
 
-def test_unknown_model_names_list_valid_ones():
+def test_unknown_model_names_list_valid_ones(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as on machines without a model hub
+    with pytest.raises(ValueError, match="no offline pretrained weights for timm/resnet18.*pretrained=False"):
+        create_model("timm/resnet18")
     with pytest.raises(ValueError, match="lite0-minilm"):
         create_model("resnet-minilm")
     with pytest.raises(ValueError, match="timm/<name>"):

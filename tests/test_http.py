@@ -1,5 +1,4 @@
 """The HTTP service on a real uvicorn server on a loopback port: every endpoint, bad inputs, API key, concurrency."""
-import io
 import json
 from concurrent.futures import ThreadPoolExecutor
 
@@ -94,6 +93,9 @@ def test_items_add_get_image_delete(service):
     assert requests.post(f"{url}/items/delete", json={"ids": new_ids[1:] + [up_id] + texts["ids"]}).json() == {
         "removed": 4}
     assert requests.get(f"{url}/health").json()["items"] == len(retriever) == 316
+    saved = requests.post(f"{url}/save").json()["snapshot"]
+    reloaded = Retriever.load(retriever.directory)
+    assert saved.startswith(retriever.directory) and len(reloaded) == 316 and reloaded.get(0).metadata["group"] == "emoji"
 
 
 def test_bad_requests_get_4xx_with_reason(service):

@@ -13,6 +13,7 @@ from metrank.data.base import ImageLabelDataset, ImageTextDataset
 from metrank.data.caption_sets import load_caption_table, load_coco, load_flickr30k
 from metrank.data.emoji import fetch_emoji, load_emoji
 from metrank.data.fashion_mnist import load_fashion_mnist
+from metrank.data.fetch import fetch_dataset
 from metrank.data.folder import load_image_folder
 from metrank.data.images import ImageLoadError, open_rgb, to_rgb
 from metrank.data.metric_sets import load_cars196, load_cub, load_inshop, load_sop
@@ -37,4 +38,4 @@ def create_dataset(name: str, root: Optional[str] = None, split: str = "train", 
 
 
 __all__ = ["DATASETS", "create_dataset", "ImageLabelDataset", "ImageTextDataset", "ImageLoadError", "open_rgb",
-           "to_rgb", "data_root", "fetch_emoji"]
+           "to_rgb", "data_root", "fetch_emoji", "fetch_dataset"]

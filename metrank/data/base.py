@@ -236,7 +236,7 @@ class ImageTextDataset(Dataset):
         return image, self.captions[i], int(self.image_labels[self.caption_image[i]])
 
     def scan(self, progress: bool = True) -> List[Tuple[str, str]]:
-        """``[(path, reason)]`` of images that cannot be read."""
+        """``[(path, reason)]`` of images that cannot be read (drop them with ``select_images``)."""
         return self._image_dataset.scan(progress=progress)
 
     def select_images(self, indices: Sequence[int]) -> "ImageTextDataset":

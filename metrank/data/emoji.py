@@ -77,7 +77,8 @@ def load_emoji(root: Optional[str] = None, split: str = "train", vendors: Sequen
     """The emoji ``ImageTextDataset`` (one image and one caption per identity and vendor); see module docstring.
 
     ``download=True`` runs ``fetch_emoji`` when the data is missing. ``dataset_kw`` go to ``ImageTextDataset``
-    (``transform``, ``on_error``, ...).
+    (``transform``, ``on_error``, ...). ``categories`` / ``subcategories`` give each identity label's emoji
+    category (10) and subcategory (99), e.g. for hierarchical sampling.
     """
     check_split(split)
     vendors = list(vendors)

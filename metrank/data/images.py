@@ -18,7 +18,7 @@ class ImageLoadError(ValueError):
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB copy of ``image``; transparent pixels (RGBA, LA, palette with transparency) become white."""
+    """``image`` as RGB (returned as is if already RGB); transparent pixels (RGBA, LA, palette with transparency) become white."""
     if image.mode == "RGB":
         return image
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):

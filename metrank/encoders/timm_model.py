@@ -32,7 +32,8 @@ def create_projection(kind: str, in_dim: int, out_dim: int, drop: float = 0.0) -
 
 def create_timm_trunk(arch: str, pretrained: Pretrained) -> nn.Module:
     """timm model without classifier; weights: packaged Lite0 (``tf_efficientnet_lite0``, ``pretrained=True``),
-    a local file (``pretrained=<path>``), timm's own source (``True``, needs a model hub or a warm cache)."""
+    a local file (``pretrained=<path>``), timm's own source (``True``: needs a model hub or a warm cache; with
+    ``HF_HUB_OFFLINE=1`` a missing file fails at once instead of after network retries)."""
     if not timm.is_model(arch.split(".")[0]):
         raise ValueError(f"unknown timm model {arch!r} (see timm.list_models())")
     if not pretrained:

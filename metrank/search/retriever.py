@@ -32,7 +32,7 @@ import shutil
 import tempfile
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -46,7 +46,10 @@ from metrank.validation import check_embeddings
 MANIFEST = "MANIFEST.json"
 FORMAT_VERSION = 1
 _SNAPSHOT = re.compile(r"^v(\d{6,})$")
-ImageInput = Union[str, os.PathLike, "PIL.Image.Image"]  # noqa: F821
+if TYPE_CHECKING:
+    from PIL import Image
+
+ImageInput = Union[str, os.PathLike, "Image.Image"]
 
 
 @dataclass

@@ -23,6 +23,7 @@ import secrets
 import tempfile
 from typing import Any, Dict, List, Optional
 
+import numpy as np
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
@@ -322,9 +323,7 @@ def create_app(retriever: Retriever, api_key: Optional[str] = None, max_request_
     return app
 
 
-def _vector(values) -> "np.ndarray":  # noqa: F821
-    import numpy as np
-
+def _vector(values) -> np.ndarray:
     array = np.asarray(values, dtype=np.float32)
     if not np.isfinite(array).all():
         raise HTTPError(422, "vectors must contain finite numbers only")

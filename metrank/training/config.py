@@ -85,6 +85,8 @@ class TrainLoopConfig:
     epochs: int = 10
     batch_size: int = 128
     seed: int = 0
+    # dropout on the cached backbone features before the heads (training only; regularises small data sets)
+    feature_dropout: float = 0.0
     grad_clip: Optional[float] = None  # max global gradient norm; null = no clipping
     amp: bool = False  # autocast (bf16 on CPU, fp16/bf16 on CUDA)
     amp_dtype: str = "bfloat16"  # bfloat16 | float16
@@ -247,6 +249,8 @@ def config_from_dict(values: Dict[str, Any]) -> TrainConfig:
                        ("eval.every", cfg.eval.every)):
         if value < 1:
             raise ValueError(f"{key} must be >= 1, got {value}")
+    if not 0.0 <= cfg.train.feature_dropout < 1.0:
+        raise ValueError(f"train.feature_dropout must be in [0, 1), got {cfg.train.feature_dropout}")
     if cfg.optim.lr <= 0:
         raise ValueError(f"optim.lr must be > 0, got {cfg.optim.lr}")
     if cfg.train.max_steps is not None and cfg.train.max_steps < 1:

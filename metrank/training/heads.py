@@ -41,7 +41,8 @@ def find_head_parameters(model: nn.Module, image_dim: int, text_dim: Optional[in
 class HeadsAndLoss(nn.Module):
     """``model``'s heads (only the parameters named in ``head_names`` train; the backbone stays frozen) + loss.
 
-    ``forward`` returns the scalar loss of one batch of backbone features:
+    ``forward`` returns the scalar loss of one batch of backbone features (after ``feature_dropout``, active in
+    training mode only, so evaluation and the exported model see the features unchanged):
 
     * image-text: ``forward(image_feats, text_feats, ids)`` -> ``CrossModalLoss(image_emb, text_emb, ids)``;
     * metric: ``forward(image_feats, labels)`` -> ``loss(emb, labels, miner(emb, labels))`` computed over the batch
@@ -49,9 +50,10 @@ class HeadsAndLoss(nn.Module):
     """
 
     def __init__(self, model: nn.Module, head_names: List[str], loss: nn.Module, task: str,
-                 miner: Optional[nn.Module] = None) -> None:
+                 miner: Optional[nn.Module] = None, feature_dropout: float = 0.0) -> None:
         super().__init__()
         self.model, self.loss, self.miner, self.task = model, loss, miner, task
+        self.feature_dropout = nn.Dropout(feature_dropout)
         self.head_names = list(head_names)
         heads = set(self.head_names)
         for name, p in model.named_parameters():
@@ -65,9 +67,9 @@ class HeadsAndLoss(nn.Module):
 
     def forward(self, image_feats: torch.Tensor, other: torch.Tensor,
                 ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        image_emb = self.embed_images(image_feats)
+        image_emb = self.embed_images(self.feature_dropout(image_feats))
         if self.task == "image_text":
-            return self.loss(image_emb, self.embed_texts(other), ids)
+            return self.loss(image_emb, self.embed_texts(self.feature_dropout(other)), ids)
         emb = distributed.all_gather_with_grad(image_emb)
         labels = distributed.all_gather_no_grad(other)
         indices = self.miner(emb, labels) if self.miner is not None else None

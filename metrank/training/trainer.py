@@ -190,7 +190,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # same RNG state at step 1 whether the features were cached or computed
         text_dim = self.train_feats.text.shape[1] if isinstance(self.train_feats, PairFeatures) else None
         names = find_head_parameters(self.model, self.train_feats.image.shape[1], text_dim)
-        self.heads = HeadsAndLoss(self.model, names, self.loss, cfg.task, self.miner)
+        self.heads = HeadsAndLoss(self.model, names, self.loss, cfg.task, self.miner, cfg.train.feature_dropout)
         self.heads.to(self.device)
         self.module: torch.nn.Module = self.heads
         if distributed.is_distributed():
