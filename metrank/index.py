@@ -7,7 +7,7 @@ caller (or numbered on from the largest id so far): IVF indexes store them nativ
 order after a removal, which inverted lists do not do).
 
 The CPU index is always the master copy. When FAISS sees GPUs (``device="auto"``) a GPU clone made with
-``faiss.index_cpu_to_all_gpus`` (sharded or replicated over all GPUs, ``GpuMultipleClonerOptions.shard``) answers
+``faiss.index_cpu_to_gpu_multiple_py`` over all GPUs (sharded or replicated: ``GpuMultipleClonerOptions.shard``) answers
 searches; it is rebuilt lazily after ``add``/``remove_ids``/parameter changes. Searches asking for more neighbours
 than the GPU k-selection supports (``k > GPU_MAX_K``) and index types FAISS cannot put on a GPU (HNSW, PQ) are
 answered by the CPU copy.
@@ -110,7 +110,8 @@ class Index:
         self.spec = spec or type(_inner(index)).__name__
         self.use_gpu = device != "cpu" and n_gpus > 0
         self.gpu_mode = gpu_mode
-        self._gpu: Optional[faiss.Index] = None
+        self._gpu: Optional[faiss.Index] = None  # GPU clone of _cpu (sharded/replicated), rebuilt after changes
+        self._gpu_resources: Optional[list] = None
         self._next_id: Optional[int] = None
 
     # ---- properties -------------------------------------------------------------------------------------------
@@ -238,8 +239,10 @@ class Index:
         if self._gpu is None:
             options = faiss.GpuMultipleClonerOptions()
             options.shard = self.gpu_mode == "shard"
+            if self._gpu_resources is None:  # one StandardGpuResources per GPU, reused by every re-clone
+                self._gpu_resources = [faiss.StandardGpuResources() for _ in range(faiss.get_num_gpus())]
             try:
-                self._gpu = faiss.index_cpu_to_all_gpus(self._cpu, co=options)
+                self._gpu = faiss.index_cpu_to_gpu_multiple_py(self._gpu_resources, self._cpu, co=options)
             except RuntimeError as err:  # index type not implemented on GPU (HNSW, PQ, ...)
                 warnings.warn(f"{self.spec!r} cannot run on GPU ({err.args[0].splitlines()[-1]}); searching on CPU")
                 self.use_gpu = False

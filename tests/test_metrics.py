@@ -121,9 +121,10 @@ def test_retrieval_hand_computed_leave_one_out_l2_with_lone_class():
 
 
 @pytest.mark.parametrize("metric", ["ip", "l2"])
-def test_retrieval_leave_one_out_matches_reference(metric):
+@pytest.mark.parametrize("levels, dim", [(2, 5), (1, 3)])  # (1, 3): 27 distinct vectors, heavily duplicated
+def test_retrieval_leave_one_out_matches_reference(metric, levels, dim):
     rng = np.random.default_rng(2)
-    x = quantised(rng, 300, 5)
+    x = quantised(rng, 300, dim, levels)
     labels = rng.integers(0, 60, 300)
     labels[:4] = [1000, 1001, 1002, 1003]  # classes of size 1
     with pytest.warns(UserWarning):
