@@ -201,10 +201,11 @@ class Index:
     def _max_id(self) -> int:
         """Largest stored id (-1 when empty); computed once from the index, then tracked by ``add``."""
         if self._next_id is None:
-            self._next_id = int(self._stored_ids().max(initial=-1)) + 1
+            self._next_id = int(self.stored_ids().max(initial=-1)) + 1
         return self._next_id - 1
 
-    def _stored_ids(self) -> np.ndarray:
+    def stored_ids(self) -> np.ndarray:
+        """The ids of all stored vectors (int64, in storage order)."""
         ivf = faiss.try_extract_index_ivf(self._cpu)
         if ivf is not None:
             lists = ivf.invlists
@@ -215,6 +216,8 @@ class Index:
         if hasattr(index, "id_map"):
             return faiss.vector_to_array(index.id_map)
         return np.arange(self.ntotal, dtype=np.int64)
+
+    _stored_ids = stored_ids  # earlier private name, still used by metrank.search.retriever
 
     def remove_ids(self, ids: Array) -> int:
         """Remove the given ids (unknown ids are ignored); returns how many vectors were removed."""

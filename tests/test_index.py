@@ -58,6 +58,7 @@ def test_remove_ids_removes(spec):
     assert index.remove_ids(ids[:100]) == 100
     assert index.remove_ids(np.array([1, 2, 3])) == 0  # unknown ids
     assert index.ntotal == 700
+    np.testing.assert_array_equal(np.sort(index.stored_ids()), ids[100:])
     _, found = index.search(x[:100], k=20)
     assert not np.isin(found, ids[:100]).any()
     _, found = index.search(x[100:150], k=1)  # the survivors still map to their own ids

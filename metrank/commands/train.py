@@ -15,6 +15,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from metrank.training.run import run
+    from metrank.training.run import resume_arg, run
 
-    return run(args.config, args.overrides, args.resume)
+    return run(args.config, args.overrides, resume_arg(args))

@@ -565,7 +565,7 @@ class Retriever:
         index = Index.load(os.path.join(snapshot, "index.faiss"), device=device)
         store = ItemStore.load(os.path.join(snapshot, "items.sqlite"), config["dim"])
         db_ids = store.all_ids()
-        index_ids = np.sort(index._stored_ids())
+        index_ids = np.sort(index.stored_ids())
         if hashlib.sha256(db_ids.tobytes()).hexdigest() != config["ids_sha256"] or not np.array_equal(db_ids,
                                                                                                       index_ids):
             raise ValueError(f"{snapshot} is inconsistent: index holds {len(index_ids)} ids, database "

@@ -36,29 +36,44 @@ def _digest(x: torch.Tensor) -> str:
     return hashlib.sha1(torch.round(x.float().cpu(), decimals=4).numpy().tobytes()).hexdigest()
 
 
+def _single_threaded(fn: Callable[[], str]) -> str:
+    """Run ``fn`` on one CPU thread: float sums then do not depend on the thread count, so the fingerprint of a
+    backbone is the same in every process on a machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(threads)
+
+
 @torch.no_grad()
 def image_fingerprint(model: Any) -> str:
     """What image features depend on, as a hash of a function: the eval transform + image backbone applied to a
     fixed probe image. Two models with the same backbone and transform (e.g. the Lite0 tower of "lite0" and of
     "lite0-minilm" at one image size) share their cached features, whatever their heads."""
     probe = np.random.default_rng(0).integers(0, 256, size=(48, 80, 3), dtype=np.uint8)
-    was_training = model.training
-    model.eval()
     pixels = model.image_transform(Image.fromarray(probe, mode="RGB"))[None]
-    out = model.image_features(pixels.to(next(model.parameters()).device))
-    model.train(was_training)
-    return _digest(out) + f"-{tuple(pixels.shape)}"
+    device = next(model.parameters()).device
+    return _probe(model, lambda: model.image_features(pixels.to(device))) + f"-{tuple(pixels.shape)}"
 
 
 @torch.no_grad()
 def text_fingerprint(model: Any) -> str:
     """Tokenizer + text backbone applied to a fixed probe sentence (see :func:`image_fingerprint`)."""
+    tokens = model.tokenize(["a probe sentence: grinning face with smiling eyes, 42 red apples"])
+    device = next(model.parameters()).device
+    shape = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else ""
+    return _probe(model, lambda: model.text_features(_to_device(tokens, device))) + f"-{shape}"
+
+
+def _probe(model: Any, forward: Callable[[], torch.Tensor]) -> str:
     was_training = model.training
     model.eval()
-    tokens = model.tokenize(["a probe sentence: grinning face with smiling eyes, 42 red apples"])
-    out = model.text_features(_to_device(tokens, next(model.parameters()).device))
-    model.train(was_training)
-    return _digest(out) + f"-{tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else ''}"
+    try:
+        return _single_threaded(lambda: _digest(forward()))
+    finally:
+        model.train(was_training)
 
 
 def feature_cache_key(fingerprint: str, description: Dict[str, Any]) -> str:

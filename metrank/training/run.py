@@ -19,8 +19,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML training config (see train/configs/)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="config overrides such as train.epochs=5 optim.lr=3e-4 loss.name=triplet")
-    parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="STATE",
-                        help="continue from <output.dir>/checkpoints/last.pt (or the given training state)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue exactly from <output.dir>/checkpoints/last.pt")
+    parser.add_argument("--resume-from", metavar="STATE", help="continue exactly from this training state file")
+
+
+def resume_arg(args: argparse.Namespace):
+    """``--resume`` -> True, ``--resume-from PATH`` -> PATH, neither -> False."""
+    return args.resume_from or args.resume
 
 
 def summary(result: TrainResult, task: str) -> str:
@@ -57,7 +63,7 @@ def main(argv: Optional[Sequence[str]] = None, expected_task: Optional[str] = No
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        return run(args.config, args.overrides, args.resume, expected_task)
+        return run(args.config, args.overrides, resume_arg(args), expected_task)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
