@@ -128,7 +128,8 @@ def main(argv: Sequence[str] = None) -> int:
         for name, config in BASELINES:
             start = time.perf_counter()
             for row_name, metrics in run_baseline(config).items():
-                baselines.append({"name": f"{name}: {row_name}", "config": config, "metrics": metrics,
+                baselines.append({"name": f"{name} ({row_name.replace('frozen ', '')})", "config": config,
+                                  "metrics": metrics,
                                   "wall_s": time.perf_counter() - start,
                                   "command": f"python eval/frozen_baselines.py {config}"})
     runs: List[Dict[str, Any]] = []
@@ -146,8 +147,9 @@ def main(argv: Sequence[str] = None) -> int:
         if cfg.task == "metric":  # also the cross-view protocol of the frozen baseline, on the final heads
             emb = embed_features(trainer.heads.embed_images, trainer.eval_feats.image, trainer.device).numpy()
             views = frozen_baselines.eval_views(open_dataset(cfg, cfg.data.eval_split), cfg)
-            rows = {k.replace("trained, leave-one-out", name): v for k, v in frozen_baselines.view_metrics(
-                emb, trainer.eval_feats.labels.numpy(), views, cfg.eval.ks, "trained").items()}
+            rows = {k.replace("trained, leave-one-out", name).replace("trained,", f"{name},"): v
+                    for k, v in frozen_baselines.view_metrics(emb, trainer.eval_feats.labels.numpy(), views,
+                                                              cfg.eval.ks, "trained").items()}
         for row_name, metrics in rows.items():
             runs.append({"name": row_name, "config": config, "metrics": metrics, "records": result.records,
                          "best_epoch": result.best["epoch"], "wall_s": wall, "command": command(config, overrides)})

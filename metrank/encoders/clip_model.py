@@ -29,11 +29,11 @@ from metrank.encoders.factory import MODELS, Pretrained
 from metrank.encoders.freezing import freeze_timm_trunk
 from metrank.encoders.model import MatmulProjection, RetrievalModel
 from metrank.encoders.pooling import replace_timm_pooling
-from metrank.encoders.pretrained import LITE0_TIMM_NAME, load_lite0_imagenet_weights, minilm_path
+from metrank.encoders.pretrained import (LITE0_PREPROCESS, LITE0_TIMM_NAME, load_lite0_imagenet_weights,
+                                         minilm_path)
 from metrank.encoders.transforms import build_image_transforms
 
 _CONFIG_DIR: Optional[Path] = None
-LITE0_PREPROCESS = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bicubic"}
 
 
 def register_open_clip_config(prefix: str, model_cfg: Dict[str, Any]) -> str:
@@ -177,7 +177,6 @@ def build_lite0_minilm(pretrained: Pretrained = True, embed_dim: int = 256, imag
         clip = open_clip.create_model(name, pretrained=None, pretrained_text=bool(pretrained))
     if pretrained:
         load_lite0_imagenet_weights(clip.visual.trunk)
-    # Lite0 was trained on [-1, 1] inputs (TF preprocessing), not on CLIP's mean/std
     open_clip.set_model_preprocess_cfg(clip, {**open_clip.get_model_preprocess_cfg(clip), **LITE0_PREPROCESS})
     tokenizer = open_clip.get_tokenizer(name)
     return retrieval_model_from_clip(clip, tokenizer, embed_dim, pooling, freeze_image, unfreeze_image_last,

@@ -12,7 +12,8 @@ from metrank.encoders.factory import MODELS, Pretrained
 from metrank.encoders.freezing import freeze_timm_trunk
 from metrank.encoders.model import RetrievalModel
 from metrank.encoders.pooling import replace_timm_pooling
-from metrank.encoders.pretrained import LITE0_TIMM_NAME, load_lite0_imagenet_weights, local_weights_file
+from metrank.encoders.pretrained import (LITE0_PREPROCESS, LITE0_TIMM_NAME, load_lite0_imagenet_weights,
+                                         local_weights_file)
 from metrank.encoders.transforms import build_image_transforms
 
 PROJECTIONS = ("linear", "mlp", "none")
@@ -69,6 +70,8 @@ def build_timm_model(arch: str, pretrained: Pretrained = True, embed_dim: int = 
     if freeze_image:
         freeze_timm_trunk(trunk, unfreeze_image_last, freeze_bn)
     data_cfg = resolve_data_config({}, model=trunk)
+    if arch == LITE0_TIMM_NAME:
+        data_cfg.update(LITE0_PREPROCESS)
     size = int(image_size or data_cfg["input_size"][-1])
     eval_transform, train_transform = build_image_transforms(size, data_cfg["mean"], data_cfg["std"],
                                                              data_cfg.get("interpolation", "bicubic"))
