@@ -4,10 +4,9 @@ On a CPU, the backbone forward dominates training cost by two to three orders of
 precomputed features ~8,000 samples/s vs ~100 for a Lite0 forward), so with frozen towers the features are computed
 once per (model, dataset, split, transform) and reused by every epoch and every later run. The cache is
 augmentation-free by construction: images go through the model's *eval* transform, so training sees each image as
-one fixed feature vector (no random crops/flips). Image and text features are cached separately; each key hashes a
-functional fingerprint of the tower (transform/tokenizer + backbone output on a fixed probe input) and the exact
-list of images (or captions) encoded, so changing any of them recomputes the features while models that differ
-only in their heads share them.
+one fixed feature vector (no random crops/flips). Image and text features are cached separately; each key hashes
+the tower (transform/tokenizer, backbone layers and exact weights) and the exact list of images (or captions)
+encoded, so changing any of them recomputes the features while models that differ only in their heads share them.
 """
 from __future__ import annotations
 
@@ -17,10 +16,8 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
-import numpy as np
 
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 from metrank import distributed
@@ -31,49 +28,34 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("METRANK_DATA", Path.home() / ".cache" / "metrank")) / "features"
 
 
-def _digest(x: torch.Tensor) -> str:
-    """Hash of a feature tensor rounded to 4 decimals (equal for numerically equal backbones)."""
-    return hashlib.sha1(torch.round(x.float().cpu(), decimals=4).numpy().tobytes()).hexdigest()
+def module_fingerprint(module: torch.nn.Module) -> str:
+    """Exact hash of a frozen module: the type and settings of every computing leaf module (convolutions, norms,
+    pooling, attention, ...) in order, and the bytes of every parameter and buffer in order (names ignored, so the
+    same backbone inside different wrappers hashes the same)."""
+    h = hashlib.sha1()
+    for m in module.modules():
+        if not any(True for _ in m.children()) and not isinstance(m, (torch.nn.Identity, torch.nn.Dropout)):
+            h.update(f"{type(m).__name__}({m.extra_repr()});".encode())
+    with torch.no_grad():
+        for tensor in module.state_dict().values():
+            h.update(str(tensor.dtype).encode() + str(tuple(tensor.shape)).encode())
+            h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
-def _single_threaded(fn: Callable[[], str]) -> str:
-    """Run ``fn`` on one CPU thread: float sums then do not depend on the thread count, so the fingerprint of a
-    backbone is the same in every process on a machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return fn()
-    finally:
-        torch.set_num_threads(threads)
-
-
-@torch.no_grad()
 def image_fingerprint(model: Any) -> str:
-    """What image features depend on, as a hash of a function: the eval transform + image backbone applied to a
-    fixed probe image. Two models with the same backbone and transform (e.g. the Lite0 tower of "lite0" and of
-    "lite0-minilm" at one image size) share their cached features, whatever their heads."""
-    probe = np.random.default_rng(0).integers(0, 256, size=(48, 80, 3), dtype=np.uint8)
-    pixels = model.image_transform(Image.fromarray(probe, mode="RGB"))[None]
-    device = next(model.parameters()).device
-    return _probe(model, lambda: model.image_features(pixels.to(device))) + f"-{tuple(pixels.shape)}"
+    """What image features depend on: the eval transform (its ``repr``) and the image backbone (exact weights and
+    layer settings). Models differing only in their heads share cached features."""
+    backbone = getattr(model, "image_backbone", model)
+    return hashlib.sha1(f"{model.image_transform!r}|{module_fingerprint(backbone)}".encode()).hexdigest()
 
 
-@torch.no_grad()
 def text_fingerprint(model: Any) -> str:
-    """Tokenizer + text backbone applied to a fixed probe sentence (see :func:`image_fingerprint`)."""
+    """What text features depend on: the tokenizer (token ids of a probe sentence) and the text backbone."""
     tokens = model.tokenize(["a probe sentence: grinning face with smiling eyes, 42 red apples"])
-    device = next(model.parameters()).device
-    shape = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else ""
-    return _probe(model, lambda: model.text_features(_to_device(tokens, device))) + f"-{shape}"
-
-
-def _probe(model: Any, forward: Callable[[], torch.Tensor]) -> str:
-    was_training = model.training
-    model.eval()
-    try:
-        return _single_threaded(lambda: _digest(forward()))
-    finally:
-        model.train(was_training)
+    ids = tokens if isinstance(tokens, torch.Tensor) else torch.cat([v.flatten() for v in dict(tokens).values()])
+    backbone = getattr(model, "text_backbone", model)
+    return hashlib.sha1(f"{ids.tolist()}|{module_fingerprint(backbone)}".encode()).hexdigest()
 
 
 def feature_cache_key(fingerprint: str, description: Dict[str, Any]) -> str:
