@@ -16,7 +16,6 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
-
 import torch
 from tqdm.auto import tqdm
 
