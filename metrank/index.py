@@ -217,7 +217,6 @@ class Index:
             return faiss.vector_to_array(index.id_map)
         return np.arange(self.ntotal, dtype=np.int64)
 
-    _stored_ids = stored_ids  # earlier private name, still used by metrank.search.retriever
 
     def remove_ids(self, ids: Array) -> int:
         """Remove the given ids (unknown ids are ignored); returns how many vectors were removed."""

@@ -34,7 +34,7 @@ from metrank.losses import contextual, cprd  # noqa: E402,F401  (register "conte
 
 def create_loss(name: str, **kwargs: Any) -> nn.Module:
     """Build a registered loss: "triplet", "hard_negative", "tal", "quadruplet", "cross_modal_quadruplet",
-    "infonce", "mnr", "contextual", "cprd"."""
+    "infonce", "mnr", "contextual", "cprd", "logit_kd"."""
     return LOSSES.create(name, **kwargs)
 
 
