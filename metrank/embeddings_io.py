@@ -7,12 +7,12 @@ lists of tensors only; never arbitrary pickles), ``.npy``/``.npz`` with ``allow_
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Optional, Tuple
 
 import numpy as np
 import torch
 
+from metrank.atomic import atomic_path
 from metrank.validation import check_embeddings, check_labels
 
 SUFFIXES = (".npy", ".npz", ".pt", ".pth")
@@ -81,15 +81,6 @@ def save_arrays(path: str, **arrays: np.ndarray) -> None:
     """Write named arrays to a ``.npz`` file atomically (temporary file in the same folder, then ``os.replace``)."""
     if not path.endswith(".npz"):
         raise ValueError(f"save_arrays writes .npz archives; got {path!r}")
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **{name: np.asarray(a.detach().cpu() if isinstance(a, torch.Tensor) else a)
-                           for name, a in arrays.items()})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **{name: np.asarray(a.detach().cpu() if isinstance(a, torch.Tensor) else a)
+                       for name, a in arrays.items()})

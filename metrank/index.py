@@ -18,7 +18,6 @@ better). Result slots past the number of stored items hold id -1 and score -inf 
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from typing import Optional, Tuple, Union
 
@@ -26,6 +25,7 @@ import faiss
 import numpy as np
 import torch
 
+from metrank.atomic import atomic_path
 from metrank.registry import Registry
 from metrank.validation import check_embeddings
 
@@ -269,17 +269,8 @@ class Index:
     # ---- persistence ------------------------------------------------------------------------------------------
     def save(self, path: str) -> None:
         """Write the (CPU) index atomically: a temporary file in the same folder, then ``os.replace``."""
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             faiss.write_index(self._cpu, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
 
     @classmethod
     def load(cls, path: str, device: str = "auto", gpu_mode: str = "shard") -> "Index":

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from typing import Dict, Optional, Sequence
 
 import numpy as np
 
+from metrank.atomic import atomic_write_text
 from metrank.embeddings_io import load_embeddings, load_labels
 from metrank.metrics import coco_1k_folds, format_table, image_text_metrics, retrieval_metrics
 
@@ -99,16 +98,7 @@ def evaluate(args: argparse.Namespace) -> Dict[str, object]:
 
 
 def _write_json(path: str, payload: Dict[str, object]) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        os.remove(tmp)
-        raise
+    atomic_write_text(path, json.dumps(payload, indent=2))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -15,6 +15,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from metrank.atomic import atomic_path, atomic_write_text
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     source_help = "a folder of images, or a .csv/.jsonl (image column: image|path|file; text column: " \
@@ -109,23 +111,14 @@ def run_embed(args: argparse.Namespace) -> int:
         retriever.embed_texts(items.texts, args.batch_size)
     _save_npy(args.out + ".npy", vectors)
     rows = [{"id": i, kind: (items.images or items.texts)[i], "metadata": items.metadata[i]} for i in range(len(items))]
-    _write_text_atomic(args.out + ".jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    atomic_write_text(args.out + ".jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     print(f"embedded {len(items)} {kind}s -> {args.out}.npy {vectors.shape}, {args.out}.jsonl")
     return 0
 
 
 def _save_npy(path: str, array: np.ndarray) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, array)
-    os.replace(tmp, path)
-
-
-def _write_text_atomic(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------------ index

@@ -4,12 +4,12 @@ weight, the pretrained backbones included, comes from the checkpoint)."""
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Tuple, Union
 
 import torch
 
+from metrank.atomic import atomic_path
 from metrank.encoders.factory import create_model
 from metrank.encoders.model import RetrievalModel
 
@@ -36,16 +36,9 @@ def save_checkpoint(path: Union[str, os.PathLike], model: RetrievalModel, **extr
     _check_safe(model.config, "config")
     _check_safe(extra, "extra")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "config": model.config, "state_dict": model.state_dict(), "extra": extra}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
     return path
 
 

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, 
 import numpy as np
 from tqdm.auto import tqdm
 
+from metrank.atomic import atomic_path, atomic_write_text
 from metrank.index import Index, create_index
 from metrank.search.hubness import HubnessState, create_hubness
 from metrank.search.rwlock import ReadWriteLock
@@ -95,18 +96,7 @@ def _fsync_dir(path: str) -> None:
 
 
 def _write_json_atomic(path: str, data: Any) -> None:
-    folder = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write_text(path, json.dumps(data, indent=1))
 
 
 def _resolve_model(model: Any) -> Tuple[Any, Dict[str, Any]]:
@@ -537,10 +527,8 @@ class Retriever:
             return
         source = os.path.join(self.directory, self.model_reference["embedded"]) if self.directory else None
         if source and os.path.isfile(source):
-            fd, tmp = tempfile.mkstemp(dir=directory, prefix="model.pt.", suffix=".tmp")
-            os.close(fd)
-            shutil.copyfile(source, tmp)
-            os.replace(tmp, target)
+            with atomic_path(target) as tmp:
+                shutil.copyfile(source, tmp)
         else:
             from metrank.encoders import save_checkpoint
 

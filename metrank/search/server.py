@@ -30,6 +30,8 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
+from metrank.atomic import atomic_write_bytes
+from metrank.data.images import to_rgb
 from metrank.search.retriever import Hit, Retriever
 
 STATIC_DIR = os.path.join(os.path.dirname(__file__), "static")
@@ -152,7 +154,8 @@ def _read_image(data: bytes, name: str):
         fmt = img.format
         if img.width * img.height > MAX_IMAGE_PIXELS:
             raise HTTPError(413, f"image {name!r} has {img.width}x{img.height} pixels, more than {MAX_IMAGE_PIXELS}")
-        img = img.convert("RGB")
+        img.load()
+        img = to_rgb(img)  # the same conversion as images added by path (transparency -> white)
     except UnidentifiedImageError:
         raise HTTPError(415, f"upload {name!r} is not an image PIL can read (PNG, JPEG, GIF, WEBP, BMP, TIFF)") from None
     except HTTPError:
@@ -281,10 +284,7 @@ def create_app(retriever: Retriever, api_key: Optional[str] = None, max_request_
             data = upload.file.read()
             path = os.path.join(media_dir, hashlib.sha256(data).hexdigest() + suffix)
             if not os.path.exists(path):
-                fd, tmp = tempfile.mkstemp(dir=media_dir, suffix=".tmp")
-                with os.fdopen(fd, "wb") as out:
-                    out.write(data)
-                os.replace(tmp, path)
+                atomic_write_bytes(path, data)
             paths.append(path)
         new_ids = retriever.add(images=paths, metadata=meta, ids=id_list, progress=False)
         return {"ids": new_ids.tolist()}

@@ -272,6 +272,6 @@ def load_config(path: Union[str, Path, None] = None, overrides: Sequence[str] = 
 
 
 def save_config(cfg: TrainConfig, path: Union[str, Path]) -> None:
-    from metrank.training.checkpoint import atomic_write_bytes
+    from metrank.atomic import atomic_write_bytes
 
     atomic_write_bytes(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())

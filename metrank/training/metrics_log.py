@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from metrank.training.checkpoint import atomic_write_bytes
+from metrank.atomic import atomic_write_bytes
 
 
 class MetricsLog:
