@@ -11,13 +11,7 @@ from metrank.losses.contextual import ContextualLoss, StraightThroughStep, knn_m
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread (two threads spin-wait badly when the machine is shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def loop_step(x: torch.Tensor, threshold: float, gain: float) -> torch.Tensor:
     """1[x >= threshold] forward, d/dx = gain backward (written as hard + gain * (x - stop_grad(x)))."""

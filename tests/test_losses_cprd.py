@@ -13,13 +13,7 @@ from metrank.teachers import CachedTeacher, CrossAttentionTeacher, TowerScoreTea
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread (two threads spin-wait badly when the machine is shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 class TableTeacher:
     """A frozen teacher given as a score table: score(image row id, text row id) = table[image, text]."""
