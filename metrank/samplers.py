@@ -18,6 +18,7 @@ from torch.utils.data import Sampler
 
 from metrank import distributed
 from metrank.registry import Registry
+from metrank.validation import check_embeddings
 
 SAMPLERS: Registry[Sampler] = Registry("sampler")
 
@@ -264,8 +265,7 @@ class HardBatchSampler(_EpochBatchSampler):
         x = torch.as_tensor(embeddings).detach().float().cpu()
         if x.ndim != 2 or x.shape[0] != len(self.labels):
             raise ValueError(f"embeddings must have shape ({len(self.labels)}, dim), got {tuple(x.shape)}")
-        if not torch.isfinite(x).all():
-            raise ValueError("embeddings contain NaN or inf values")
+        check_embeddings(x, "embeddings")
         x = torch.nn.functional.normalize(x, dim=1)
         sums = torch.zeros(len(self.classes), x.shape[1]).index_add_(0, self._inverse, x)
         self.centroids = torch.nn.functional.normalize(sums, dim=1)

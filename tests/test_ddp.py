@@ -7,7 +7,6 @@ embeddings receive ``∂(Σ_r' L_r')/∂x_r``, and DDP's gradient *averaging* ov
 ``∂L_global/∂θ``. So: mean of the rank losses == single-process loss, and DDP parameter gradients ==
 single-process gradients (no extra factor W).
 """
-import socket
 
 import torch
 import torch.distributed as dist
@@ -66,12 +65,6 @@ def worker(rank, port, expected):
         dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def single_process(loss_name):
     model = build(loss_name)
     loss = model(*global_batch())
@@ -81,6 +74,6 @@ def single_process(loss_name):
     return loss.detach(), grads
 
 
-def test_ddp_equals_single_process_for_infonce_and_hard_negative():
+def test_ddp_equals_single_process_for_infonce_and_hard_negative(free_port):
     expected = {name: single_process(name) for name in ("infonce", "hard_negative")}
-    mp.spawn(worker, args=(free_port(), expected), nprocs=WORLD, join=True)
+    mp.spawn(worker, args=(free_port, expected), nprocs=WORLD, join=True)
