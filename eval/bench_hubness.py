@@ -12,12 +12,12 @@ test identities (gallery: Google images; queries: names). Also prints the hubnes
     python eval/bench_hubness.py                      # frozen towers + ridge map
     python eval/bench_hubness.py --checkpoint runs/emoji/best.pt
 """
+
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -27,8 +27,9 @@ from metrank.data import create_dataset, open_rgb
 from metrank.metrics import format_table
 from metrank.search import Retriever
 
-GRID = [("qb_norm", {"beta": b}) for b in (5.0, 10.0, 20.0, 50.0)] + \
-       [("nnn", {"alpha": a, "k": k}) for a in (0.25, 0.5, 0.75, 1.0) for k in (4, 16, 64)]
+GRID = [("qb_norm", {"beta": b}) for b in (5.0, 10.0, 20.0, 50.0)] + [
+    ("nnn", {"alpha": a, "k": k}) for a in (0.25, 0.5, 0.75, 1.0) for k in (4, 16, 64)
+]
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -36,18 +37,18 @@ def _normalise(x: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def frozen_features(model, images: List[str], captions: List[str], batch_size: int = 64) -> Tuple[np.ndarray, ...]:
+def frozen_features(model, images: list[str], captions: list[str], batch_size: int = 64) -> tuple[np.ndarray, ...]:
     model.eval()
     image_parts, text_parts = [], []
     for start in tqdm(range(0, len(images), batch_size), desc="image features"):
-        pixels = torch.stack([model.image_transform(open_rgb(p)) for p in images[start:start + batch_size]])
+        pixels = torch.stack([model.image_transform(open_rgb(p)) for p in images[start : start + batch_size]])
         image_parts.append(model.image_features(pixels).float().numpy())
     for start in tqdm(range(0, len(captions), 256), desc="text features"):
-        text_parts.append(model.text_features(model.tokenize(captions[start:start + 256])).float().numpy())
+        text_parts.append(model.text_features(model.tokenize(captions[start : start + 256])).float().numpy())
     return np.concatenate(image_parts), np.concatenate(text_parts)
 
 
-def load_split(split: str, vendor: str) -> Tuple[List[str], List[str], np.ndarray]:
+def load_split(split: str, vendor: str) -> tuple[list[str], list[str], np.ndarray]:
     """One (image, name, identity) per identity, images of ``vendor``."""
     data = create_dataset("emoji", split=split)
     keep = [i for i, v in enumerate(data.image_views) if v == vendor]
@@ -55,7 +56,7 @@ def load_split(split: str, vendor: str) -> Tuple[List[str], List[str], np.ndarra
     return [data.images[i] for i in keep], [captions[i] for i in keep], np.asarray(data.image_labels)[keep]
 
 
-def embeddings(args) -> Dict[str, Tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def embeddings(args) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """{split: (image_emb, text_emb, labels)} for fit / val / test."""
     train_images, train_names, train_labels = load_split("train", args.vendor)
     test_images, test_names, test_labels = load_split("test", args.vendor)
@@ -90,26 +91,33 @@ def embeddings(args) -> Dict[str, Tuple[np.ndarray, np.ndarray, np.ndarray]]:
         source = _normalise(feats["txt_train"][fit])
         w = np.linalg.solve(source.T @ source + args.ridge * np.eye(source.shape[1]), source.T @ target)
         img_train, img_test = _normalise(feats["img_train"] - mean), _normalise(feats["img_test"] - mean)
-        txt_train, txt_test = _normalise(_normalise(feats["txt_train"]) @ w), _normalise(_normalise(feats["txt_test"]) @ w)
-    return {"fit": (img_train[~is_val], txt_train[~is_val], train_labels[~is_val]),
-            "val": (img_train[is_val], txt_train[is_val], train_labels[is_val]),
-            "test": (img_test, txt_test, test_labels)}
+        txt_train, txt_test = (
+            _normalise(_normalise(feats["txt_train"]) @ w),
+            _normalise(_normalise(feats["txt_test"]) @ w),
+        )
+    return {
+        "fit": (img_train[~is_val], txt_train[~is_val], train_labels[~is_val]),
+        "val": (img_train[is_val], txt_train[is_val], train_labels[is_val]),
+        "test": (img_test, txt_test, test_labels),
+    }
 
 
-def recall(retriever: Retriever, queries: np.ndarray, query_labels: np.ndarray, gallery_labels: Dict[int, int],
-           ks=(1, 5, 10)) -> Dict[str, float]:
+def recall(
+    retriever: Retriever, queries: np.ndarray, query_labels: np.ndarray, gallery_labels: dict[int, int], ks=(1, 5, 10)
+) -> dict[str, float]:
     rows = retriever.search_vectors(queries, k=max(ks))
     out = {}
     for k in ks:
-        out[f"R@{k}"] = float(np.mean([any(gallery_labels[h.id] == q for h in row[:k])
-                                       for row, q in zip(rows, query_labels)]))
+        out[f"R@{k}"] = float(
+            np.mean([any(gallery_labels[h.id] == q for h in row[:k]) for row, q in zip(rows, query_labels)])
+        )
     top10 = np.array([[h.id for h in row[:10]] for row in rows]).ravel()
     counts = np.bincount(top10, minlength=len(gallery_labels)).astype(np.float64)
     out["N10_skew"] = float(((counts - counts.mean()) ** 3).mean() / counts.std() ** 3)
     return out
 
 
-def evaluate(direction: str, data, method: Optional[str], params: Dict, split: str) -> Dict[str, float]:
+def evaluate(direction: str, data, method: str | None, params: dict, split: str) -> dict[str, float]:
     images, texts, labels = data[split]
     fit_images, fit_texts, _ = data["fit"]
     gallery, queries, bank = (images, texts, fit_texts) if direction == "t2i" else (texts, images, fit_images)
@@ -130,8 +138,10 @@ def main(argv=None) -> int:
     parser.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "metrank", "features"))
     args = parser.parse_args(argv)
     data = embeddings(args)
-    print(f"fit {len(data['fit'][2])} / val {len(data['val'][2])} / test {len(data['test'][2])} identities; "
-          f"embeddings: {'checkpoint ' + args.checkpoint if args.checkpoint else 'frozen towers + ridge map'}")
+    print(
+        f"fit {len(data['fit'][2])} / val {len(data['val'][2])} / test {len(data['test'][2])} identities; "
+        f"embeddings: {'checkpoint ' + args.checkpoint if args.checkpoint else 'frozen towers + ridge map'}"
+    )
     rows = []
     for direction in ("t2i", "i2t"):
         base = evaluate(direction, data, None, {}, "test")
@@ -141,8 +151,14 @@ def main(argv=None) -> int:
             scored = [(evaluate(direction, data, m, p, "val")["R@1"], i) for i, (m, p) in enumerate(grid)]
             best = grid[max(scored)[1]][1]
             result = evaluate(direction, data, method, best, "test")
-            rows.append({"direction": direction, "method": method,
-                         "params": ",".join(f"{k}={v:g}" for k, v in best.items()), **result})
+            rows.append(
+                {
+                    "direction": direction,
+                    "method": method,
+                    "params": ",".join(f"{k}={v:g}" for k, v in best.items()),
+                    **result,
+                }
+            )
     print(format_table(rows))
     return 0
 

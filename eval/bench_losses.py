@@ -10,6 +10,7 @@ PML baselines whose own B³ or (pairs × negative pairs) buffers would exceed ``
 skipped with the projected size. Unimodal losses use B/4 classes × 4 samples; cross-modal ones a paired image/text
 batch with ids = arange(B).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,15 +18,23 @@ import os
 import statistics
 import sys
 import time
-from typing import Callable, List, Optional, Tuple
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning import miners as pml_miners
 
-from metrank.losses import (CrossModalLoss, CrossModalQuadrupletLoss, HardNegativeLoss, InfoNCELoss,
-                            MultipleNegativesRankingLoss, QuadrupletLoss, TripletAlignmentLoss, TripletMarginLoss)
+from metrank.losses import (
+    CrossModalLoss,
+    CrossModalQuadrupletLoss,
+    HardNegativeLoss,
+    InfoNCELoss,
+    MultipleNegativesRankingLoss,
+    QuadrupletLoss,
+    TripletAlignmentLoss,
+    TripletMarginLoss,
+)
 
 Step = Callable[[], torch.Tensor]
 
@@ -35,8 +44,9 @@ def _status_bytes(field: str) -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
 
 
-def measure(step: Step, leaves: List[torch.Tensor], repeats: int) -> Tuple[float, float]:
+def measure(step: Step, leaves: list[torch.Tensor], repeats: int) -> tuple[float, float]:
     """(median seconds, peak MiB added) of ``step().backward()``."""
+
     def run() -> None:
         for leaf in leaves:
             leaf.grad = None
@@ -61,11 +71,11 @@ def unit(n: int, d: int, seed: int) -> torch.Tensor:
     return F.normalize(torch.randn(n, d, generator=g), dim=1).requires_grad_()
 
 
-def cases(b: int, d: int) -> List[Tuple[str, Step, Optional[Step], float, List[torch.Tensor]]]:
+def cases(b: int, d: int) -> list[tuple[str, Step, Step | None, float, list[torch.Tensor]]]:
     """(name, ours, PML equivalent or None, PML projected GiB, leaves)."""
     x, labels = unit(b, d, 0), torch.arange(b // 4).repeat_interleave(4)[:b]
     image, text, ids = unit(b, d, 1), unit(b, d, 2), torch.arange(b)
-    cube_gib = b ** 3 / 2**30  # PML builds a B×B×B uint8 triplet mask (plus index tensors)
+    cube_gib = b**3 / 2**30  # PML builds a B×B×B uint8 triplet mask (plus index tensors)
     positives, negatives = 3 * b, b * (b - 4)
     ntxent_gib = 3 * 4 * positives * negatives / 2**30  # PML NTXent: positives × negative-pairs float matrices
     semi = TripletMarginLoss(0.2, miner="semi_hard")
@@ -74,15 +84,28 @@ def cases(b: int, d: int) -> List[Tuple[str, Step, Optional[Step], float, List[t
     pml_semi, pml_hard = pml_miners.TripletMarginMiner(0.2, "semihard"), pml_miners.BatchHardMiner()
     infonce, ntxent = InfoNCELoss(0.07, learnable=False), pml_losses.NTXentLoss(0.07)
     clip = CrossModalLoss(InfoNCELoss())
-    mnr, vsepp, tal = CrossModalLoss(MultipleNegativesRankingLoss()), CrossModalLoss(HardNegativeLoss()), \
-        CrossModalLoss(TripletAlignmentLoss())
+    mnr, vsepp, tal = (
+        CrossModalLoss(MultipleNegativesRankingLoss()),
+        CrossModalLoss(HardNegativeLoss()),
+        CrossModalLoss(TripletAlignmentLoss()),
+    )
     quad, cdmlmr = QuadrupletLoss(), CrossModalQuadrupletLoss()
     cdmlmr_labels = torch.where(torch.arange(b) % 2 == 0, torch.arange(b) % (b // 4), -1)
     return [
-        ("triplet+semi_hard", lambda: semi(x, labels), lambda: pml_triplet(x, labels, pml_semi(x, labels)),
-         cube_gib, [x]),
-        ("triplet+batch_hard", lambda: batch_hard(x, labels), lambda: pml_triplet(x, labels, pml_hard(x, labels)),
-         0.0, [x]),
+        (
+            "triplet+semi_hard",
+            lambda: semi(x, labels),
+            lambda: pml_triplet(x, labels, pml_semi(x, labels)),
+            cube_gib,
+            [x],
+        ),
+        (
+            "triplet+batch_hard",
+            lambda: batch_hard(x, labels),
+            lambda: pml_triplet(x, labels, pml_hard(x, labels)),
+            0.0,
+            [x],
+        ),
         ("infonce (fixed τ)", lambda: infonce(x, labels), lambda: ntxent(x, labels), ntxent_gib, [x]),
         ("clip (img<->txt)", lambda: clip(image, text, ids), None, 0.0, [image, text]),
         ("mnr (img<->txt)", lambda: mnr(image, text, ids), None, 0.0, [image, text]),
@@ -93,13 +116,14 @@ def cases(b: int, d: int) -> List[Tuple[str, Step, Optional[Step], float, List[t
     ]
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 512, 1024])
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--max-pml-gib", type=float, default=3.0,
-                        help="skip PML baselines projected to allocate more than this")
+    parser.add_argument(
+        "--max-pml-gib", type=float, default=3.0, help="skip PML baselines projected to allocate more than this"
+    )
     parser.add_argument("--only", nargs="*", default=None, help="substrings of the loss names to run")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args(argv)
@@ -123,8 +147,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             elif theirs is not None:
                 t_pml, m_pml = measure(theirs, leaves, args.repeats)
                 pml_ms, pml_mib, ratio = f"{1e3 * t_pml:.1f}", f"{m_pml:.0f}", f"{t_ours / t_pml:.2f}"
-            print(f"{name:<20} {b:>5} {1e3 * t_ours:>9.1f} {pml_ms:>9} {ratio:>10} {m_ours:>9.0f} {pml_mib:>9}",
-                  flush=True)
+            print(
+                f"{name:<20} {b:>5} {1e3 * t_ours:>9.1f} {pml_ms:>9} {ratio:>10} {m_ours:>9.0f} {pml_mib:>9}",
+                flush=True,
+            )
     print("time ratio = ours / PML (< 1: ours faster); MiB = peak RSS added by one forward+backward")
     return 0
 

@@ -7,6 +7,7 @@
 Prints each time, the ratios, and the achieved fraction of the GEMM-bound work 2*Q*N*d at the GEMM rate measured
 in the same run; checks P@1 and MAP@R against PML's AccuracyCalculator (max abs difference).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,9 +28,10 @@ def clustered_embeddings(n: int, d: int, per_class: int, seed: int = 0):
     centres = rng.standard_normal((labels.max() + 1, d), dtype=np.float32)
     x = np.empty((n, d), np.float32)
     for start in range(0, n, 65536):
-        part = centres[labels[start:start + 65536]] + 2.5 * rng.standard_normal((len(labels[start:start + 65536]), d),
-                                                                             dtype=np.float32)
-        x[start:start + 65536] = part / np.linalg.norm(part, axis=1, keepdims=True)
+        part = centres[labels[start : start + 65536]] + 2.5 * rng.standard_normal(
+            (len(labels[start : start + 65536]), d), dtype=np.float32
+        )
+        x[start : start + 65536] = part / np.linalg.norm(part, axis=1, keepdims=True)
     return x, labels
 
 
@@ -57,8 +59,10 @@ def bench_speed(args) -> None:
     x, labels = clustered_embeddings(args.n, args.d, args.per_class)
     rate = gemm_rate(args.d)
     work = 2.0 * args.n * args.n * args.d
-    print(f"N={args.n} d={args.d} classes={labels.max() + 1}; GEMM rate {rate / 1e9:.1f} GFLOP/s; "
-          f"2*N^2*d = {work / 1e12:.2f} TFLOP -> {work / rate:.1f} s at that rate")
+    print(
+        f"N={args.n} d={args.d} classes={labels.max() + 1}; GEMM rate {rate / 1e9:.1f} GFLOP/s; "
+        f"2*N^2*d = {work / 1e12:.2f} TFLOP -> {work / rate:.1f} s at that rate"
+    )
 
     def raw_faiss():
         index = faiss.IndexFlatIP(args.d)
@@ -81,9 +85,11 @@ def bench_speed(args) -> None:
         names.append("PML AccuracyCalculator")
         print(format_table(rows, names))
         print(f"metrank / PML time: {t_ours / t_pml:.3f}")
-        print(f"max |metrank - PML|: P@1 {abs(ours['P@1'] - pml['precision_at_1']):.2e}, "
-              f"MAP@R {abs(ours['MAP@R'] - pml['mean_average_precision_at_r']):.2e} "
-              "(PML ranks by L2 distance; on unit vectors only rounding-level near-ties can differ)")
+        print(
+            f"max |metrank - PML|: P@1 {abs(ours['P@1'] - pml['precision_at_1']):.2e}, "
+            f"MAP@R {abs(ours['MAP@R'] - pml['mean_average_precision_at_r']):.2e} "
+            "(PML ranks by L2 distance; on unit vectors only rounding-level near-ties can differ)"
+        )
     else:
         print(format_table(rows, names))
     print(format_table(ours))
@@ -91,15 +97,17 @@ def bench_speed(args) -> None:
 
 def bench_memory(args) -> None:
     x, labels = clustered_embeddings(args.memory_n + args.queries, args.d, args.per_class)  # labels are shuffled
-    gallery, gallery_labels = x[:args.memory_n], labels[:args.memory_n]  # views: no copy
-    query, query_labels = x[args.memory_n:], labels[args.memory_n:]
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    gallery, gallery_labels = x[: args.memory_n], labels[: args.memory_n]  # views: no copy
+    query, query_labels = x[args.memory_n :], labels[args.memory_n :]
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     ours, seconds = timed(lambda: retrieval_metrics(query, query_labels, gallery, gallery_labels, ks=(1, 10, 100)))
-    rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     rate = gemm_rate(args.d)
     work = 2.0 * args.queries * args.memory_n * args.d
-    print(f"gallery {args.memory_n} x {args.d} ({gallery.nbytes / 2 ** 20:.0f} MiB), {args.queries} queries: "
-          f"{seconds:.1f} s, {work / rate / seconds:.0%} of the {rate / 1e9:.0f} GFLOP/s GEMM bound")
+    print(
+        f"gallery {args.memory_n} x {args.d} ({gallery.nbytes / 2**20:.0f} MiB), {args.queries} queries: "
+        f"{seconds:.1f} s, {work / rate / seconds:.0%} of the {rate / 1e9:.0f} GFLOP/s GEMM bound"
+    )
     print(f"peak RSS {rss_peak:.2f} GiB (after building the data: {rss_before:.2f} GiB)")
     print(format_table(ours))
 

@@ -14,12 +14,13 @@ Features come from the training feature cache (``metrank.training``), so they ar
     python eval/frozen_baselines.py train/configs/emoji_image_text.yaml
     python eval/frozen_baselines.py train/configs/emoji_instance.yaml
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
 import time
-from typing import Dict, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -42,7 +43,7 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def ridge_metrics(train: PairFeatures, test: PairFeatures, lam: float, ks: Sequence[int]) -> Dict[str, float]:
+def ridge_metrics(train: PairFeatures, test: PairFeatures, lam: float, ks: Sequence[int]) -> dict[str, float]:
     """Fit the ridge map on ``train`` (one row per caption: its image's features -> its text features), evaluate on
     ``test``."""
     x_img, y_txt = train.image.numpy(), train.text.numpy()
@@ -51,28 +52,34 @@ def ridge_metrics(train: PairFeatures, test: PairFeatures, lam: float, ks: Seque
     w = ridge_map(x - mx, y_txt - my, lam)
     mapped = _normalise((test.image.numpy() - mx) @ w)
     text = _normalise(test.text.numpy() - my)
-    return image_text_metrics(mapped, text, test.caption_image.numpy(), ks=tuple(ks),
-                              image_labels=test.image_ids.numpy(), progress=False)
+    return image_text_metrics(
+        mapped, text, test.caption_image.numpy(), ks=tuple(ks), image_labels=test.image_ids.numpy(), progress=False
+    )
 
 
-def split_identities(feats: PairFeatures, fraction: float, seed: int = 0) -> Tuple[PairFeatures, PairFeatures]:
+def split_identities(feats: PairFeatures, fraction: float, seed: int = 0) -> tuple[PairFeatures, PairFeatures]:
     """Class-disjoint (fit, validation) split of a training feature set by identity."""
     ids = feats.image_ids.numpy()
     classes = np.unique(ids)
-    val_classes = np.random.default_rng(seed).permutation(classes)[:max(1, int(round(fraction * len(classes))))]
+    val_classes = np.random.default_rng(seed).permutation(classes)[: max(1, int(round(fraction * len(classes))))]
     parts = []
     for keep in (~np.isin(ids, val_classes), np.isin(ids, val_classes)):
         images = np.flatnonzero(keep)
         new_index = np.full(len(ids), -1)
         new_index[images] = np.arange(len(images))
         captions = np.flatnonzero(new_index[feats.caption_image.numpy()] >= 0)
-        parts.append(PairFeatures(image=feats.image[images], text=feats.text[captions],
-                                  caption_image=torch.from_numpy(new_index[feats.caption_image.numpy()[captions]]),
-                                  image_ids=feats.image_ids[images]))
+        parts.append(
+            PairFeatures(
+                image=feats.image[images],
+                text=feats.text[captions],
+                caption_image=torch.from_numpy(new_index[feats.caption_image.numpy()[captions]]),
+                image_ids=feats.image_ids[images],
+            )
+        )
     return parts[0], parts[1]
 
 
-def image_text_baseline(cfg, model, device) -> Dict[str, Dict[str, float]]:
+def image_text_baseline(cfg, model, device) -> dict[str, dict[str, float]]:
     train = pair_features(model, open_dataset(cfg, cfg.data.train_split), cfg, cfg.data.train_split, device)
     test = pair_features(model, open_dataset(cfg, cfg.data.eval_split), cfg, cfg.data.eval_split, device)
     fit, val = split_identities(train, 0.2)
@@ -82,8 +89,9 @@ def image_text_baseline(cfg, model, device) -> Dict[str, Dict[str, float]]:
     return {f"frozen ridge (lambda={best})": ridge_metrics(train, test, best, cfg.eval.ks)}
 
 
-def view_metrics(emb: np.ndarray, labels: np.ndarray, views, ks: Sequence[int], prefix: str
-                 ) -> Dict[str, Dict[str, float]]:
+def view_metrics(
+    emb: np.ndarray, labels: np.ndarray, views, ks: Sequence[int], prefix: str
+) -> dict[str, dict[str, float]]:
     """Leave-one-out Recall@K, and for data with exactly two views (emoji vendors) view B -> view A."""
     rows = {f"{prefix}, leave-one-out": retrieval_metrics(emb, labels, ks=tuple(ks), progress=False)}
     if views is not None and len(views) == len(labels):
@@ -92,11 +100,12 @@ def view_metrics(emb: np.ndarray, labels: np.ndarray, views, ks: Sequence[int], 
         if len(names) == 2:
             q, g = views == names[1], views == names[0]
             rows[f"{prefix}, {names[1]} -> {names[0]}"] = retrieval_metrics(
-                emb[q], labels[q], emb[g], labels[g], ks=tuple(ks), progress=False)
+                emb[q], labels[q], emb[g], labels[g], ks=tuple(ks), progress=False
+            )
     return rows
 
 
-def eval_views(dataset, cfg) -> Optional[np.ndarray]:
+def eval_views(dataset, cfg) -> np.ndarray | None:
     """Views of the evaluated items (None when the dataset has none or a subset is used)."""
     views = getattr(dataset, "views", None)
     if views is None or cfg.data.max_classes is not None or cfg.data.max_per_class is not None:
@@ -104,11 +113,12 @@ def eval_views(dataset, cfg) -> Optional[np.ndarray]:
     return np.asarray(views)
 
 
-def metric_baseline(cfg, model, device) -> Dict[str, Dict[str, float]]:
+def metric_baseline(cfg, model, device) -> dict[str, dict[str, float]]:
     dataset = open_dataset(cfg, cfg.data.eval_split)
     test = label_features(model, dataset, cfg, cfg.data.eval_split, device)
-    return view_metrics(_normalise(test.image.numpy()), test.labels.numpy(), eval_views(dataset, cfg), cfg.eval.ks,
-                        "frozen features")
+    return view_metrics(
+        _normalise(test.image.numpy()), test.labels.numpy(), eval_views(dataset, cfg), cfg.eval.ks, "frozen features"
+    )
 
 
 def main(argv: Sequence[str] = None) -> int:
@@ -124,8 +134,7 @@ def main(argv: Sequence[str] = None) -> int:
     model = create_model(cfg.model.name, pretrained=cfg.model.pretrained, **cfg.model.kwargs).to(device).eval()
     rows = (image_text_baseline if cfg.task == "image_text" else metric_baseline)(cfg, model, device)
     print(format_table(list(rows.values()), names=list(rows)))
-    print(f"({'recalls in percent' if cfg.task == 'image_text' else 'fractions'}; "
-          f"{time.perf_counter() - start:.1f} s)")
+    print(f"({'recalls in percent' if cfg.task == 'image_text' else 'fractions'}; {time.perf_counter() - start:.1f} s)")
     return 0
 
 

@@ -10,6 +10,7 @@ The test identities of ``metrank.data`` "emoji" (class-disjoint from training) a
     python eval/search_emoji.py --checkpoint runs/x/model_best.pt --hubness qb_norm
     python eval/search_emoji.py --out emoji_index --screenshot assets/search_page.png --query "cat"
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,7 +18,6 @@ import os
 import subprocess
 import sys
 import tempfile
-from typing import Dict, List, Optional
 
 import numpy as np
 import yaml
@@ -29,14 +29,18 @@ from metrank.search import Retriever
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "train", "configs", "emoji_image_text.yaml")
 
 
-def build(model, vendors: List[str], batch_size: int) -> Retriever:
+def build(model, vendors: list[str], batch_size: int) -> Retriever:
     data = create_dataset("emoji", split="test")
     keep = [i for i, v in enumerate(data.image_views) if v in vendors]
     names = {int(data.caption_image[c]): data.captions[c] for c in range(len(data.captions))}
     retriever = Retriever.create(model=model)
-    retriever.add(images=[data.images[i] for i in keep], batch_size=batch_size,
-                  metadata=[{"name": names[i], "identity": int(data.image_labels[i]), "vendor": str(data.image_views[i])}
-                            for i in keep])
+    retriever.add(
+        images=[data.images[i] for i in keep],
+        batch_size=batch_size,
+        metadata=[
+            {"name": names[i], "identity": int(data.image_labels[i]), "vendor": str(data.image_views[i])} for i in keep
+        ],
+    )
     return retriever
 
 
@@ -49,13 +53,14 @@ def held_out_queries() -> tuple:
     return [first[i] for i in labels], labels
 
 
-def top10_rate(retriever: Retriever, names: List[str], labels: np.ndarray, hubness: bool = True) -> Dict[str, float]:
+def top10_rate(retriever: Retriever, names: list[str], labels: np.ndarray, hubness: bool = True) -> dict[str, float]:
     queries = retriever.embed_texts(names)
     rows = retriever.search_vectors(queries, k=10, modality="image", hubness=hubness)
     out = {}
     for k in (1, 5, 10):
-        out[f"top{k}"] = float(np.mean([any(h.metadata["identity"] == q for h in row[:k])
-                                        for row, q in zip(rows, labels)]))
+        out[f"top{k}"] = float(
+            np.mean([any(h.metadata["identity"] == q for h in row[:k]) for row, q in zip(rows, labels)])
+        )
     return out
 
 
@@ -69,22 +74,39 @@ def screenshot(retriever: Retriever, query: str, path: str) -> None:
         target = os.path.abspath(path)
         os.makedirs(os.path.dirname(target), exist_ok=True)
         tmp = target + ".tmp.png"
-        subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                        "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
-                        f"--user-data-dir={profile}", "--virtual-time-budget=15000", "--window-size=1100,760",
-                        f"--screenshot={tmp}", f"{url}/?q={quote_plus(query)}&modality=image&k=12"],
-                       check=True, capture_output=True, timeout=180)
+        subprocess.run(
+            [
+                "chromium",
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+                "--hide-scrollbars",
+                f"--user-data-dir={profile}",
+                "--virtual-time-budget=15000",
+                "--window-size=1100,760",
+                f"--screenshot={tmp}",
+                f"{url}/?q={quote_plus(query)}&modality=image&k=12",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=180,
+        )
         os.replace(tmp, target)
     print(f"screenshot of the search page for {query!r} -> {path}")
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=CONFIG, help="training config giving the model and output dir")
     parser.add_argument("--checkpoint", help="trained model (default: <output.dir>/model_best.pt of --config)")
     parser.add_argument("--vendors", default="google,twitter", help="which emoji designs to index")
-    parser.add_argument("--hubness", choices=["qb_norm", "nnn"], help="also report with this correction (bank: "
-                        "training-split names)")
+    parser.add_argument(
+        "--hubness", choices=["qb_norm", "nnn"], help="also report with this correction (bank: training-split names)"
+    )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--no-baseline", action="store_true", help="skip the untrained-model baseline")
     parser.add_argument("--out", help="save the trained model's index here (serve it with `metrank serve`)")
@@ -93,8 +115,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     with open(args.config) as f:
         config = yaml.safe_load(f)
-    checkpoint = args.checkpoint or os.path.normpath(os.path.join(
-        os.path.dirname(os.path.abspath(args.config)), "..", "..", config["output"]["dir"], "model_best.pt"))
+    checkpoint = args.checkpoint or os.path.normpath(
+        os.path.join(
+            os.path.dirname(os.path.abspath(args.config)), "..", "..", config["output"]["dir"], "model_best.pt"
+        )
+    )
     vendors = args.vendors.split(",")
     names, labels = held_out_queries()
     print(f"{len(labels)} held-out identities; indexing their {'+'.join(vendors)} images")
@@ -102,14 +127,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not args.no_baseline:
         from metrank.encoders import create_model
 
-        untrained = build(create_model(config["model"]["name"], **config["model"].get("kwargs", {})), vendors,
-                          args.batch_size)
+        untrained = build(
+            create_model(config["model"]["name"], **config["model"].get("kwargs", {})), vendors, args.batch_size
+        )
         rows.append(top10_rate(untrained, names, labels))
         row_names.append("untrained model (baseline)")
     if not os.path.isfile(checkpoint):
         print(format_table(rows, names=row_names) if rows else "")
-        print(f"no trained checkpoint at {checkpoint}: train first (metrank train {os.path.relpath(args.config)}) "
-              "or pass --checkpoint", file=sys.stderr)
+        print(
+            f"no trained checkpoint at {checkpoint}: train first (metrank train {os.path.relpath(args.config)}) "
+            "or pass --checkpoint",
+            file=sys.stderr,
+        )
         return 2
     trained = build(checkpoint, vendors, args.batch_size)
     rows.append(top10_rate(trained, names, labels))

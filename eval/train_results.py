@@ -9,13 +9,15 @@ dashed).
     python eval/train_results.py                      # everything (about 15-30 min on 2 CPU cores)
     python eval/train_results.py --only infonce triplet --epochs 2 --out /tmp/results   # quick check
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "eval"))
@@ -32,13 +34,15 @@ EXPERIMENTS = [
     ("infonce", EMOJI, []),
     ("hard_negative", EMOJI, ["loss.name=hard_negative", "loss.kwargs={margin: 0.2, warmup_steps: 100}"]),
     ("triplet", EMOJI, ["loss.name=triplet", "loss.kwargs={margin: 0.2, distance: cosine}"]),
-    ("contextual", EMOJI, ["loss.name=contextual", "loss.kwargs={k: 4}", "sampler.name=pk",
-                           "sampler.kwargs={k: 2}"]),
+    ("contextual", EMOJI, ["loss.name=contextual", "loss.kwargs={k: 4}", "sampler.name=pk", "sampler.kwargs={k: 2}"]),
     ("emoji_instance", "train/configs/emoji_instance.yaml", []),
     ("tuxpaint", "train/configs/tuxpaint_image_text.yaml", []),
 ]
-BASELINES = [("emoji frozen ridge", EMOJI), ("emoji_instance frozen", "train/configs/emoji_instance.yaml"),
-             ("tuxpaint frozen ridge", "train/configs/tuxpaint_image_text.yaml")]
+BASELINES = [
+    ("emoji frozen ridge", EMOJI),
+    ("emoji_instance frozen", "train/configs/emoji_instance.yaml"),
+    ("tuxpaint frozen ridge", "train/configs/tuxpaint_image_text.yaml"),
+]
 IMAGE_TEXT_COLUMNS = ("t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@1", "i2t_R@5", "i2t_R@10", "rsum")
 
 
@@ -47,7 +51,7 @@ def command(config: str, overrides: Sequence[str]) -> str:
     return " ".join(["metrank train", config, *quoted])
 
 
-def run_baseline(config: str) -> Dict[str, Dict[str, float]]:
+def run_baseline(config: str) -> dict[str, dict[str, float]]:
     from metrank.encoders import create_model
     from metrank.training.trainer import select_device
 
@@ -59,50 +63,77 @@ def run_baseline(config: str) -> Dict[str, Dict[str, float]]:
 
 
 def fmt(value: Any) -> str:
-    return "" if value is None else (f"{value:.3f}" if isinstance(value, float) and value < 1.0 else
-                                     f"{value:.1f}" if isinstance(value, float) else str(value))
+    return (
+        ""
+        if value is None
+        else (
+            f"{value:.3f}"
+            if isinstance(value, float) and value < 1.0
+            else f"{value:.1f}"
+            if isinstance(value, float)
+            else str(value)
+        )
+    )
 
 
-def write_markdown(path: Path, runs: List[Dict[str, Any]], baselines: List[Dict[str, Any]]) -> None:
-    lines = ["# Training results (frozen towers, trained heads, CPU)", "",
-             "Regenerate: `python eval/train_results.py` (rows below list each run's exact command). Image-text",
-             "recalls are percentages on held-out identities (emoji: 30% of the 1,911 identities, class-disjoint;",
-             "a name hits on either vendor's drawing); instance R@1 is a fraction (query = one vendor's image, the",
-             "relevant item = the other vendor's image of the same emoji, leave-one-out over the held-out split).",
-             "Wall times include model building and (cached after the first run) feature extraction on a shared",
-             "2-core machine.", "", "## Image <-> text", "",
-             "| run | " + " | ".join(IMAGE_TEXT_COLUMNS) + " | best epoch | wall s | command |",
-             "|---" * (len(IMAGE_TEXT_COLUMNS) + 4) + "|"]
+def write_markdown(path: Path, runs: list[dict[str, Any]], baselines: list[dict[str, Any]]) -> None:
+    lines = [
+        "# Training results (frozen towers, trained heads, CPU)",
+        "",
+        "Regenerate: `python eval/train_results.py` (rows below list each run's exact command). Image-text",
+        "recalls are percentages on held-out identities (emoji: 30% of the 1,911 identities, class-disjoint;",
+        "a name hits on either vendor's drawing); instance R@1 is a fraction (query = one vendor's image, the",
+        "relevant item = the other vendor's image of the same emoji, leave-one-out over the held-out split).",
+        "Wall times include model building and (cached after the first run) feature extraction on a shared",
+        "2-core machine.",
+        "",
+        "## Image <-> text",
+        "",
+        "| run | " + " | ".join(IMAGE_TEXT_COLUMNS) + " | best epoch | wall s | command |",
+        "|---" * (len(IMAGE_TEXT_COLUMNS) + 4) + "|",
+    ]
     for row in baselines + runs:
         if "rsum" not in row["metrics"]:
             continue
         cells = [fmt(row["metrics"].get(k)) for k in IMAGE_TEXT_COLUMNS]
-        lines.append(f"| {row['name']} | " + " | ".join(cells) +
-                     f" | {row.get('best_epoch', '')} | {fmt(row['wall_s'])} | `{row['command']}` |")
-    lines += ["", "## Instance retrieval (emoji, 2 views)", "",
-              "| run | R@1 | R@2 | R@4 | R@8 | MAP@R | wall s | command |", "|---|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {row['name']} | "
+            + " | ".join(cells)
+            + f" | {row.get('best_epoch', '')} | {fmt(row['wall_s'])} | `{row['command']}` |"
+        )
+    lines += [
+        "",
+        "## Instance retrieval (emoji, 2 views)",
+        "",
+        "| run | R@1 | R@2 | R@4 | R@8 | MAP@R | wall s | command |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for row in baselines + runs:
         if "R@1" not in row["metrics"]:
             continue
         cells = [fmt(row["metrics"].get(k)) for k in ("R@1", "R@2", "R@4", "R@8", "MAP@R")]
         lines.append(f"| {row['name']} | " + " | ".join(cells) + f" | {fmt(row['wall_s'])} | `{row['command']}` |")
-    lines += ["", "## Notes", "",
-              "- Metrics are those of the final epoch (`best epoch` = epoch of the best held-out RSUM, whose heads",
-              "  are saved as `model_best.pt`). The frozen baselines use the same cached features and metric code.",
-              "- The ridge baseline (centred features, lambda picked on 20% of the training identities) is",
-              "  stronger than SPEC's 0.156 t2i R@1; compare the trained rows with it." + _delta(runs, baselines),
-              "- Instance retrieval: the `twitter -> google` rows are SPEC's protocol (frozen 0.47 there); the",
-              "  leave-one-out rows are what `metrank train` reports per epoch (the other twitter images of the",
-              "  held-out split are distractors too).",
-              "- The main job from an empty feature cache (3,822 images at 128 px + 3,822 captions, then 30",
-              "  epochs): `metrank train train/configs/emoji_image_text.yaml output.cache_dir=/tmp/coldcache`,",
-              "  measured 8 min 26 s wall on the shared 2-core machine (load average 3-7 from other jobs)."]
+    lines += [
+        "",
+        "## Notes",
+        "",
+        "- Metrics are those of the final epoch (`best epoch` = epoch of the best held-out RSUM, whose heads",
+        "  are saved as `model_best.pt`). The frozen baselines use the same cached features and metric code.",
+        "- The ridge baseline (centred features, lambda picked on 20% of the training identities) is",
+        "  stronger than SPEC's 0.156 t2i R@1; compare the trained rows with it." + _delta(runs, baselines),
+        "- Instance retrieval: the `twitter -> google` rows are SPEC's protocol (frozen 0.47 there); the",
+        "  leave-one-out rows are what `metrank train` reports per epoch (the other twitter images of the",
+        "  held-out split are distractors too).",
+        "- The main job from an empty feature cache (3,822 images at 128 px + 3,822 captions, then 30",
+        "  epochs): `metrank train train/configs/emoji_image_text.yaml output.cache_dir=/tmp/coldcache`,",
+        "  measured 8 min 26 s wall on the shared 2-core machine (load average 3-7 from other jobs).",
+    ]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
 
 
-def _delta(runs: List[Dict[str, Any]], baselines: List[Dict[str, Any]]) -> str:
-    """ e.g. ' InfoNCE vs ridge on emoji: +4.2 t2i R@1, +11.0 RSUM.' (empty when either row is missing)."""
+def _delta(runs: list[dict[str, Any]], baselines: list[dict[str, Any]]) -> str:
+    """e.g. ' InfoNCE vs ridge on emoji: +4.2 t2i R@1, +11.0 RSUM.' (empty when either row is missing)."""
     run = next((r for r in runs if r["name"] == "infonce"), None)
     base = next((b for b in baselines if b["config"] == EMOJI), None)
     if run is None or base is None:
@@ -112,7 +143,7 @@ def _delta(runs: List[Dict[str, Any]], baselines: List[Dict[str, Any]]) -> str:
     return f" InfoNCE vs ridge on emoji: {d_r1:+.1f} t2i R@1, {d_rsum:+.1f} RSUM."
 
 
-def plot(path: Path, runs: List[Dict[str, Any]], baselines: List[Dict[str, Any]]) -> None:
+def plot(path: Path, runs: list[dict[str, Any]], baselines: list[dict[str, Any]]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -145,21 +176,27 @@ def main(argv: Sequence[str] = None) -> int:
     parser.add_argument("--no-baselines", action="store_true")
     args = parser.parse_args(argv)
 
-    baselines: List[Dict[str, Any]] = []
+    baselines: list[dict[str, Any]] = []
     if not args.no_baselines:
         for name, config in BASELINES:
             start = time.perf_counter()
             for row_name, metrics in run_baseline(config).items():
-                baselines.append({"name": f"{name} ({row_name.replace('frozen ', '')})", "config": config,
-                                  "metrics": metrics,
-                                  "wall_s": time.perf_counter() - start,
-                                  "command": f"python eval/frozen_baselines.py {config}"})
-    runs: List[Dict[str, Any]] = []
+                baselines.append(
+                    {
+                        "name": f"{name} ({row_name.replace('frozen ', '')})",
+                        "config": config,
+                        "metrics": metrics,
+                        "wall_s": time.perf_counter() - start,
+                        "command": f"python eval/frozen_baselines.py {config}",
+                    }
+                )
+    runs: list[dict[str, Any]] = []
     for name, config, overrides in EXPERIMENTS:
         if args.only and name not in args.only:
             continue
-        overrides = overrides + [f"output.dir={args.runs}/{name}"] + \
-            ([f"train.epochs={args.epochs}"] if args.epochs else [])
+        overrides = (
+            overrides + [f"output.dir={args.runs}/{name}"] + ([f"train.epochs={args.epochs}"] if args.epochs else [])
+        )
         start = time.perf_counter()
         cfg = load_config(REPO / config, overrides)
         trainer = Trainer(cfg)
@@ -169,12 +206,24 @@ def main(argv: Sequence[str] = None) -> int:
         if cfg.task == "metric":  # also the cross-view protocol of the frozen baseline, on the final heads
             emb = embed_features(trainer.heads.embed_images, trainer.eval_feats.image, trainer.device).numpy()
             views = frozen_baselines.eval_views(open_dataset(cfg, cfg.data.eval_split), cfg)
-            rows = {k.replace("trained, leave-one-out", name).replace("trained,", f"{name},"): v
-                    for k, v in frozen_baselines.view_metrics(emb, trainer.eval_feats.labels.numpy(), views,
-                                                              cfg.eval.ks, "trained").items()}
+            rows = {
+                k.replace("trained, leave-one-out", name).replace("trained,", f"{name},"): v
+                for k, v in frozen_baselines.view_metrics(
+                    emb, trainer.eval_feats.labels.numpy(), views, cfg.eval.ks, "trained"
+                ).items()
+            }
         for row_name, metrics in rows.items():
-            runs.append({"name": row_name, "config": config, "metrics": metrics, "records": result.records,
-                         "best_epoch": result.best["epoch"], "wall_s": wall, "command": command(config, overrides)})
+            runs.append(
+                {
+                    "name": row_name,
+                    "config": config,
+                    "metrics": metrics,
+                    "records": result.records,
+                    "best_epoch": result.best["epoch"],
+                    "wall_s": wall,
+                    "command": command(config, overrides),
+                }
+            )
         shown = {k: round(result.metrics[k], 3) for k in (*IMAGE_TEXT_COLUMNS, "R@1") if k in result.metrics}
         print(f"{name}: {shown} in {wall:.0f} s", flush=True)
     out = Path(args.out)

@@ -3,12 +3,14 @@
 A reader (or a crash) sees either the old file or the complete new one, never a partial write: the data goes to a
 temporary file in the same folder, is flushed to disk, and then ``os.replace``-d over the target.
 """
+
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator, Union
+from typing import Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 

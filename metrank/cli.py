@@ -3,18 +3,21 @@
 A command module exposes ``register(subparsers)``, which adds one or more subparsers and sets ``func`` (called with
 the parsed ``argparse.Namespace``; its return value is the exit code).
 """
+
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
+
+from metrank.errors import MetrankError
 
 COMMAND_MODULES = (
     "metrank.commands.evaluate",  # metrank evaluate
-    "metrank.commands.data",      # metrank data fetch|list
-    "metrank.commands.train",     # metrank train
-    "metrank.commands.search",    # metrank embed|index|search|serve
+    "metrank.commands.data",  # metrank data fetch|list
+    "metrank.commands.train",  # metrank train
+    "metrank.commands.search",  # metrank embed|index|search|serve
 )
 
 
@@ -26,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -34,7 +37,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as err:
+    except MetrankError as err:
         print(f"metrank {args.command}: error: {err}", file=sys.stderr)
         return 2
 

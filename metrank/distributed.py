@@ -1,8 +1,11 @@
 """Cross-rank gathering for global negatives under ``torch.distributed`` (one helper used by every loss)."""
+
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
+from metrank.errors import InputError
 
 
 def is_distributed() -> bool:
@@ -26,7 +29,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
         dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
         sizes_list = [int(s.item()) for s in sizes]
         if len(set(sizes_list)) != 1:
-            raise ValueError(f"all ranks must have the same batch size to gather, got {sizes_list}; use drop_last=True")
+            raise InputError(f"all ranks must have the same batch size to gather, got {sizes_list}; use drop_last=True")
         out = [torch.empty_like(x) for _ in sizes_list]
         dist.all_gather(out, x.contiguous())
         ctx.rank, ctx.n = dist.get_rank(), x.shape[0]
@@ -36,7 +39,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         grad = grad.contiguous()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
+        return grad[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n]
 
 
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:

@@ -15,21 +15,22 @@ answered by the CPU copy.
 Scores: inner products for ``metric="ip"`` (higher is better), squared L2 distances for ``metric="l2"`` (lower is
 better). Result slots past the number of stored items hold id -1 and score -inf (ip) or +inf (l2).
 """
+
 from __future__ import annotations
 
 import os
 import warnings
-from typing import Optional, Tuple, Union
 
 import faiss
 import numpy as np
 import torch
 
 from metrank.atomic import atomic_path
+from metrank.errors import InputError, MissingFileError
 from metrank.registry import Registry
 from metrank.validation import check_embeddings
 
-Array = Union[np.ndarray, torch.Tensor]
+Array = np.ndarray | torch.Tensor
 
 METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 GPU_MAX_K = 2048  # largest k (and nprobe) the FAISS GPU k-selection supports
@@ -56,7 +57,7 @@ def hnsw_spec(dim: int, m: int = 32) -> str:
 
 
 @INDEX_SPECS.register("ivf_pq")
-def ivf_pq_spec(dim: int, nlist: int = 1024, m: Optional[int] = None, nbits: int = 8) -> str:
+def ivf_pq_spec(dim: int, nlist: int = 1024, m: int | None = None, nbits: int = 8) -> str:
     """Inverted file + product quantisation: ``m`` sub-quantisers of ``nbits`` bits each (default ``m``: the largest
     divisor of ``dim`` that is at most ``min(64, dim // 4)``, i.e. 64 bytes per 512-d vector) - for galleries that
     do not fit in memory."""
@@ -65,7 +66,7 @@ def ivf_pq_spec(dim: int, nlist: int = 1024, m: Optional[int] = None, nbits: int
     return f"IVF{nlist},PQ{m}x{nbits}"
 
 
-def _as_float32(x: Array, name: str, dim: Optional[int] = None) -> np.ndarray:
+def _as_float32(x: Array, name: str, dim: int | None = None) -> np.ndarray:
     check_embeddings(x, name, dim)
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()
@@ -77,20 +78,20 @@ def _as_ids(ids: Array, n: int) -> np.ndarray:
         ids = ids.detach().cpu().numpy()
     ids = np.asarray(ids)
     if ids.ndim != 1 or ids.shape[0] != n:
-        raise ValueError(f"ids must be 1-D with one id per vector ({n}), got shape {ids.shape}")
+        raise InputError(f"ids must be 1-D with one id per vector ({n}), got shape {ids.shape}")
     if not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"ids must have an integer dtype, got {ids.dtype}")
+        raise InputError(f"ids must have an integer dtype, got {ids.dtype}")
     if n and ids.min() < 0:
-        raise ValueError("ids must be non-negative (-1 marks empty result slots)")
+        raise InputError("ids must be non-negative (-1 marks empty result slots)")
     if np.unique(ids).size != n:
-        raise ValueError("ids contain duplicates; every vector needs its own id")
+        raise InputError("ids contain duplicates; every vector needs its own id")
     return np.ascontiguousarray(ids, dtype=np.int64)
 
 
 def _inner(index: faiss.Index) -> faiss.Index:
     """The index inside IDMap / pre-transform wrappers (the one that holds the vectors)."""
     index = faiss.downcast_index(index)
-    while hasattr(index, "index") and isinstance(getattr(index, "index"), faiss.Index):
+    while hasattr(index, "index") and isinstance(index.index, faiss.Index):
         index = faiss.downcast_index(index.index)
     return index
 
@@ -100,19 +101,19 @@ class Index:
 
     def __init__(self, index: faiss.Index, spec: str = "", device: str = "auto", gpu_mode: str = "shard") -> None:
         if device not in ("auto", "cpu", "gpu"):
-            raise ValueError(f"device must be 'auto', 'cpu' or 'gpu', got {device!r}")
+            raise InputError(f"device must be 'auto', 'cpu' or 'gpu', got {device!r}")
         if gpu_mode not in ("shard", "replicate"):
-            raise ValueError(f"gpu_mode must be 'shard' or 'replicate', got {gpu_mode!r}")
+            raise InputError(f"gpu_mode must be 'shard' or 'replicate', got {gpu_mode!r}")
         n_gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
         if device == "gpu" and n_gpus == 0:
-            raise ValueError("device='gpu' but FAISS sees no GPU (is faiss-gpu installed?); use device='cpu' or 'auto'")
+            raise InputError("device='gpu' but FAISS sees no GPU (is faiss-gpu installed?); use device='cpu' or 'auto'")
         self._cpu = index
         self.spec = spec or type(_inner(index)).__name__
         self.use_gpu = device != "cpu" and n_gpus > 0
         self.gpu_mode = gpu_mode
-        self._gpu: Optional[faiss.Index] = None  # GPU clone of _cpu (sharded/replicated), rebuilt after changes
-        self._gpu_resources: Optional[list] = None
-        self._next_id: Optional[int] = None
+        self._gpu: faiss.Index | None = None  # GPU clone of _cpu (sharded/replicated), rebuilt after changes
+        self._gpu_resources: list | None = None
+        self._next_id: int | None = None
 
     # ---- properties -------------------------------------------------------------------------------------------
     @property
@@ -151,13 +152,13 @@ class Index:
     def _ivf(self, what: str) -> faiss.IndexIVF:
         ivf = faiss.try_extract_index_ivf(self._cpu)
         if ivf is None:
-            raise ValueError(f"{what} applies to IVF indexes only; this index is {self.spec!r}")
+            raise InputError(f"{what} applies to IVF indexes only; this index is {self.spec!r}")
         return ivf
 
     def _hnsw(self) -> faiss.HNSW:
         inner = _inner(self._cpu)
         if not hasattr(inner, "hnsw"):
-            raise ValueError(f"efSearch applies to HNSW indexes only; this index is {self.spec!r}")
+            raise InputError(f"efSearch applies to HNSW indexes only; this index is {self.spec!r}")
         return inner.hnsw
 
     def __repr__(self) -> str:
@@ -165,7 +166,7 @@ class Index:
         return f"Index({self.spec!r}, dim={self.dim}, metric={self.metric!r}, ntotal={self.ntotal}, device={where})"
 
     # ---- building ---------------------------------------------------------------------------------------------
-    def train(self, x: Array, max_train: Optional[int] = 100_000, seed: int = 0) -> "Index":
+    def train(self, x: Array, max_train: int | None = 100_000, seed: int = 0) -> Index:
         """Train IVF centroids / PQ codebooks on at most ``max_train`` rows drawn at random from ``x``."""
         x = _as_float32(x, "training vectors", self.dim)
         if max_train is not None and x.shape[0] > max_train:
@@ -173,16 +174,18 @@ class Index:
         try:
             self._cpu.train(x)
         except RuntimeError as err:  # e.g. fewer training points than IVF cells
-            raise ValueError(f"training {self.spec!r} on {x.shape[0]} vectors failed: {err}") from None
+            raise InputError(f"training {self.spec!r} on {x.shape[0]} vectors failed: {err}") from None
         self._gpu = None
         return self
 
     def _require_trained(self, action: str) -> None:
         if not self._cpu.is_trained:
-            raise ValueError(f"index {self.spec!r} must be trained before {action}: call index.train(x) first "
-                             "with a representative sample (e.g. at least 39 vectors per IVF cell)")
+            raise InputError(
+                f"index {self.spec!r} must be trained before {action}: call index.train(x) first "
+                "with a representative sample (e.g. at least 39 vectors per IVF cell)"
+            )
 
-    def add(self, x: Array, ids: Optional[Array] = None) -> np.ndarray:
+    def add(self, x: Array, ids: Array | None = None) -> np.ndarray:
         """Add vectors; ``ids`` default to consecutive numbers after the largest id so far. Returns the ids."""
         x = _as_float32(x, "vectors", self.dim)
         self._require_trained("add")
@@ -193,7 +196,7 @@ class Index:
         try:
             self._cpu.add_with_ids(x, ids)
         except RuntimeError as err:  # e.g. a bare, non-empty index loaded from someone else's file
-            raise ValueError(f"index {self.spec!r} cannot store ids ({err.args[0].splitlines()[-1]})") from None
+            raise InputError(f"index {self.spec!r} cannot store ids ({err.args[0].splitlines()[-1]})") from None
         self._next_id = max(self._max_id(), int(ids.max())) + 1
         self._gpu = None
         return ids
@@ -209,14 +212,16 @@ class Index:
         ivf = faiss.try_extract_index_ivf(self._cpu)
         if ivf is not None:
             lists = ivf.invlists
-            parts = [faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy()
-                     for i in range(lists.nlist) if lists.list_size(i)]
+            parts = [
+                faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy()
+                for i in range(lists.nlist)
+                if lists.list_size(i)
+            ]
             return np.concatenate(parts) if parts else np.empty(0, np.int64)
         index = faiss.downcast_index(self._cpu)
         if hasattr(index, "id_map"):
             return faiss.vector_to_array(index.id_map)
         return np.arange(self.ntotal, dtype=np.int64)
-
 
     def remove_ids(self, ids: Array) -> int:
         """Remove the given ids (unknown ids are ignored); returns how many vectors were removed."""
@@ -224,12 +229,14 @@ class Index:
             ids = ids.detach().cpu().numpy()
         ids = np.ascontiguousarray(np.atleast_1d(np.asarray(ids)))
         if not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"ids must have an integer dtype, got {ids.dtype}")
+            raise InputError(f"ids must have an integer dtype, got {ids.dtype}")
         try:
             removed = int(self._cpu.remove_ids(ids.astype(np.int64)))
         except RuntimeError as err:
-            raise ValueError(f"index {self.spec!r} does not support removal ({err.args[0].splitlines()[-1]}); "
-                             "rebuild it without those vectors or use a Flat/IVF index") from None
+            raise InputError(
+                f"index {self.spec!r} does not support removal ({err.args[0].splitlines()[-1]}); "
+                "rebuild it without those vectors or use a Flat/IVF index"
+            ) from None
         self._gpu = None
         return removed
 
@@ -246,16 +253,18 @@ class Index:
             try:
                 self._gpu = faiss.index_cpu_to_gpu_multiple_py(self._gpu_resources, self._cpu, co=options)
             except RuntimeError as err:  # index type not implemented on GPU (HNSW, PQ, ...)
-                warnings.warn(f"{self.spec!r} cannot run on GPU ({err.args[0].splitlines()[-1]}); searching on CPU")
+                warnings.warn(
+                    f"{self.spec!r} cannot run on GPU ({err.args[0].splitlines()[-1]}); searching on CPU", stacklevel=2
+                )
                 self.use_gpu = False
                 return self._cpu
         return self._gpu
 
-    def search(self, q: Array, k: int, batch_size: int = 16384) -> Tuple[np.ndarray, np.ndarray]:
+    def search(self, q: Array, k: int, batch_size: int = 16384) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` best items for each query: (scores float32 [n, k], ids int64 [n, k]), best first."""
         q = _as_float32(q, "queries", self.dim)
         if not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"k must be a positive integer, got {k!r}")
+            raise InputError(f"k must be a positive integer, got {k!r}")
         self._require_trained("search")
         scores = np.empty((q.shape[0], k), np.float32)
         ids = np.empty((q.shape[0], k), np.int64)
@@ -273,12 +282,15 @@ class Index:
             faiss.write_index(self._cpu, tmp)
 
     @classmethod
-    def load(cls, path: str, device: str = "auto", gpu_mode: str = "shard") -> "Index":
+    def load(cls, path: str, device: str = "auto", gpu_mode: str = "shard") -> Index:
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"no index file at {path!r}")
+            raise MissingFileError(f"no index file at {path!r}")
         index = faiss.read_index(path)
-        if index.ntotal == 0 and faiss.try_extract_index_ivf(index) is None and not hasattr(
-                faiss.downcast_index(index), "id_map"):
+        if (
+            index.ntotal == 0
+            and faiss.try_extract_index_ivf(index) is None
+            and not hasattr(faiss.downcast_index(index), "id_map")
+        ):
             index = faiss.IndexIDMap2(index)
         return cls(index, device=device, gpu_mode=gpu_mode)
 
@@ -291,8 +303,14 @@ class Index:
         return counter[0]
 
 
-def create_index(spec: str = "Flat", dim: Optional[int] = None, metric: str = "ip", device: str = "auto",
-                 gpu_mode: str = "shard", **spec_kwargs) -> Index:
+def create_index(
+    spec: str = "Flat",
+    dim: int | None = None,
+    metric: str = "ip",
+    device: str = "auto",
+    gpu_mode: str = "shard",
+    **spec_kwargs,
+) -> Index:
     """Build an empty index from a FAISS factory string or a short name (``INDEX_SPECS``: flat, ivf_flat, hnsw,
     ivf_pq; ``spec_kwargs`` such as ``nlist``/``m`` go to the short name's builder).
 
@@ -300,22 +318,24 @@ def create_index(spec: str = "Flat", dim: Optional[int] = None, metric: str = "i
     >>> index.train(x); index.add(x, ids); scores, ids = index.search(q, k=10)
     """
     if dim is None or not isinstance(dim, (int, np.integer)) or dim < 1:
-        raise ValueError(f"dim must be a positive integer, got {dim!r}")
+        raise InputError(f"dim must be a positive integer, got {dim!r}")
     if metric not in METRICS:
-        raise ValueError(f"metric must be one of {sorted(METRICS)}, got {metric!r}")
+        raise InputError(f"metric must be one of {sorted(METRICS)}, got {metric!r}")
     if spec in INDEX_SPECS:
         factory = INDEX_SPECS.create(spec, dim=int(dim), **spec_kwargs)
     elif spec_kwargs:
-        raise ValueError(f"options {sorted(spec_kwargs)} only apply to the short names {INDEX_SPECS.names()}")
+        raise InputError(f"options {sorted(spec_kwargs)} only apply to the short names {INDEX_SPECS.names()}")
     else:
         factory = spec
     if factory.split(",")[0].startswith("IDMap"):
-        raise ValueError("leave out the IDMap prefix: every index already takes 64-bit ids")
+        raise InputError("leave out the IDMap prefix: every index already takes 64-bit ids")
     try:
         index = faiss.index_factory(int(dim), factory, METRICS[metric])
     except RuntimeError as err:
-        raise ValueError(f"invalid index spec {spec!r}: not a short name ({', '.join(INDEX_SPECS.names())}) nor a "
-                         f"FAISS factory string FAISS accepts ({err.args[0].splitlines()[-1]})") from None
+        raise InputError(
+            f"invalid index spec {spec!r}: not a short name ({', '.join(INDEX_SPECS.names())}) nor a "
+            f"FAISS factory string FAISS accepts ({err.args[0].splitlines()[-1]})"
+        ) from None
     if faiss.try_extract_index_ivf(index) is None:
         index = faiss.IndexIDMap2(index)
     return Index(index, spec=factory, device=device, gpu_mode=gpu_mode)

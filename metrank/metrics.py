@@ -30,19 +30,21 @@ if any of its captions is in the top K; t2i -- a caption hits if its image is in
 ``rsum`` is the sum of the six (max 600), ``medr``/``meanr`` are the median (floored) / mean 1-based rank of the
 first correct item. ``coco_1k_folds`` averages the metrics over five 1K-image folds (COCO 1K).
 """
+
 from __future__ import annotations
 
 import warnings
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from metrank.errors import InputError
 from metrank.index import _as_float32, create_index
 from metrank.validation import check_labels
 
-Array = Union[np.ndarray, torch.Tensor]
+Array = np.ndarray | torch.Tensor
 ELEMENTS_PER_CHUNK = 1 << 25  # cap on chunk x gallery (or chunk x k) entries held at once
 
 
@@ -55,13 +57,13 @@ def _labels(labels: Array, n: int, name: str) -> np.ndarray:
 
 def _check_metric(metric: str) -> None:
     if metric not in ("ip", "l2"):
-        raise ValueError(f"metric must be 'ip' (inner product) or 'l2' (squared Euclidean), got {metric!r}")
+        raise InputError(f"metric must be 'ip' (inner product) or 'l2' (squared Euclidean), got {metric!r}")
 
 
-def _check_ks(ks: Sequence[int]) -> List[int]:
+def _check_ks(ks: Sequence[int]) -> list[int]:
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1:
-        raise ValueError(f"ks must be positive integers, got {ks}")
+        raise InputError(f"ks must be positive integers, got {ks}")
     return ks
 
 
@@ -73,15 +75,15 @@ def _torch_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _first_identical_row(x: np.ndarray) -> Optional[np.ndarray]:
+def _first_identical_row(x: np.ndarray) -> np.ndarray | None:
     """``canonical[i]`` = the lowest index of a row bit-identical to row i (-0.0 counted as 0.0); ``None`` when all
     rows differ. A 64-bit hash per row finds candidates; candidates are then compared byte for byte."""
     n, d = x.shape
     weights = np.random.default_rng(0).integers(1, 1 << 62, d, dtype=np.int64) | 1
     hashes = np.empty(n, np.int64)
     for start in range(0, n, 16384):
-        bits = (x[start:start + 16384] + np.float32(0)).view(np.int32)  # + 0 turns -0.0 into 0.0
-        hashes[start:start + 16384] = (bits.astype(np.int64) * weights).sum(1)  # wraps around: a hash
+        bits = (x[start : start + 16384] + np.float32(0)).view(np.int32)  # + 0 turns -0.0 into 0.0
+        hashes[start : start + 16384] = (bits.astype(np.int64) * weights).sum(1)  # wraps around: a hash
     _, inverse, counts = np.unique(hashes, return_inverse=True, return_counts=True)
     suspects = np.flatnonzero(counts[inverse.ravel()] > 1)
     if not len(suspects):
@@ -112,7 +114,7 @@ class GalleryScorer:
             self.slot = np.searchsorted(self.distinct_rows, canonical)  # distinct vector of each gallery row
         self.vectors = gallery if self.slot is None else gallery[self.distinct_rows]
         self.device = _torch_device(device)
-        self._vectors: Optional[torch.Tensor] = None
+        self._vectors: torch.Tensor | None = None
 
     def __call__(self, q: np.ndarray) -> torch.Tensor:
         if self._vectors is None:  # made on first use: most evaluations never rescore
@@ -126,7 +128,7 @@ class GalleryScorer:
         return s if self._slot is None else s[:, self._slot]
 
 
-def _topk_tie_stable(scores: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def _topk_tie_stable(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k of each row (higher first; equal scores: lower column first) of a [rows, n] matrix, k <= n."""
     threshold = torch.topk(scores, k, dim=1).values[:, -1:]
     above = scores > threshold
@@ -171,7 +173,7 @@ class ExactKNN:
     def __len__(self) -> int:
         return self.gallery.shape[0]
 
-    def search(self, q: np.ndarray, k: int, self_ids: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
+    def search(self, q: np.ndarray, k: int, self_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores where higher is better, gallery rows) of each row of ``q``; ``self_ids[i]`` (if given) is a
         gallery row that query i must skip. Slots beyond the available items hold row -1, score -inf."""
         width = k + 1 + int(self_ids is not None)  # enough to see one item past the cut once self is skipped
@@ -185,20 +187,24 @@ class ExactKNN:
             scores[is_self], ids[is_self] = -np.inf, -1
             order = np.argsort(ids < 0, axis=1, kind="stable")  # empty slots to the end, order kept otherwise
             scores, ids = np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
-        cut_ties = np.flatnonzero((ids[:, k] >= 0) & (scores[:, k - 1] == scores[:, k])) if ids.shape[1] > k \
+        cut_ties = (
+            np.flatnonzero((ids[:, k] >= 0) & (scores[:, k - 1] == scores[:, k]))
+            if ids.shape[1] > k
             else np.empty(0, np.int64)
+        )
         scores, ids = np.ascontiguousarray(scores[:, :k]), np.ascontiguousarray(ids[:, :k])
         _sort_ties_by_index(scores, ids)
         if len(cut_ties):
-            scores[cut_ties], ids[cut_ties] = self._rescore(q[cut_ties], k, None if self_ids is None else
-                                                            self_ids[cut_ties])
+            scores[cut_ties], ids[cut_ties] = self._rescore(
+                q[cut_ties], k, None if self_ids is None else self_ids[cut_ties]
+            )
         if scores.shape[1] < k:  # fewer than k items exist
             pad = k - scores.shape[1]
             scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
             ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
         return scores, ids
 
-    def _expand_duplicates(self, scores: np.ndarray, slots: np.ndarray, width: int) -> Tuple[np.ndarray, np.ndarray]:
+    def _expand_duplicates(self, scores: np.ndarray, slots: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
         """Replace each hit on a distinct vector by its gallery rows (ascending), keeping ``width`` per query."""
         n = len(slots)
         counts = np.minimum(self.group_size[slots], width).ravel()
@@ -213,28 +219,35 @@ class ExactKNN:
         out_ids[query[keep], column[keep]] = rows[keep]
         return out_scores, out_ids
 
-    def _rescore(self, q: np.ndarray, k: int, self_ids: Optional[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
+    def _rescore(self, q: np.ndarray, k: int, self_ids: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """Whole-gallery tie-exact top-k for a few rows (those with a tie across the cut)."""
         out_scores, out_ids = np.empty((len(q), k), np.float32), np.empty((len(q), k), np.int64)
         rows = max(1, ELEMENTS_PER_CHUNK // len(self))
         for start in range(0, len(q), rows):
-            s = self.scorer(q[start:start + rows])
+            s = self.scorer(q[start : start + rows])
             if self_ids is not None:
-                s[torch.arange(len(s)), torch.from_numpy(self_ids[start:start + rows]).to(s.device)] = -torch.inf
+                s[torch.arange(len(s)), torch.from_numpy(self_ids[start : start + rows]).to(s.device)] = -torch.inf
             vals, cols = _topk_tie_stable(s, k)
-            out_scores[start:start + rows], out_ids[start:start + rows] = vals.cpu().numpy(), cols.cpu().numpy()
+            out_scores[start : start + rows], out_ids[start : start + rows] = vals.cpu().numpy(), cols.cpu().numpy()
         return out_scores, out_ids
 
 
-def _chunks(n: int, chunk_size: int, progress: Optional[bool], desc: str) -> Iterator[slice]:
+def _chunks(n: int, chunk_size: int, progress: bool | None, desc: str) -> Iterator[slice]:
     starts = range(0, n, chunk_size)
     disable = True if len(starts) <= 1 else (None if progress is None else not progress)  # None: only on a tty
     for start in tqdm(starts, desc=desc, disable=disable, leave=False):
         yield slice(start, min(start + chunk_size, n))
 
 
-def knn(query: Array, gallery: Optional[Array] = None, k: int = 10, metric: str = "ip", device: str = "auto",
-        chunk_size: Optional[int] = None, progress: Optional[bool] = None) -> Tuple[np.ndarray, np.ndarray]:
+def knn(
+    query: Array,
+    gallery: Array | None = None,
+    k: int = 10,
+    metric: str = "ip",
+    device: str = "auto",
+    chunk_size: int | None = None,
+    progress: bool | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Exact, tie-stable k-NN: (scores float32 [n, k], gallery row ids int64 [n, k]), best first, -1 padded.
 
     ``gallery=None`` searches the query set against itself, leaving each query's own row out. Scores are inner
@@ -242,7 +255,7 @@ def knn(query: Array, gallery: Optional[Array] = None, k: int = 10, metric: str 
     """
     query = _as_float32(query, "query")
     if not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
+        raise InputError(f"k must be a positive integer, got {k!r}")
     _check_metric(metric)
     leave_one_out = gallery is None
     engine = ExactKNN(query if leave_one_out else _check_gallery(gallery, query.shape[1]), metric, device)
@@ -258,7 +271,7 @@ def knn(query: Array, gallery: Optional[Array] = None, k: int = 10, metric: str 
 def _check_gallery(gallery: Array, dim: int) -> np.ndarray:
     gallery = _as_float32(gallery, "gallery")
     if gallery.shape[1] != dim:
-        raise ValueError(f"gallery has dimension {gallery.shape[1]} but the queries have {dim}")
+        raise InputError(f"gallery has dimension {gallery.shape[1]} but the queries have {dim}")
     return gallery
 
 
@@ -269,10 +282,18 @@ def _relevant_counts(query_labels: np.ndarray, gallery_labels: np.ndarray, leave
     return np.where(found, counts[pos], 0) - int(leave_one_out)
 
 
-def retrieval_metrics(query: Array, query_labels: Array, gallery: Optional[Array] = None,
-                      gallery_labels: Optional[Array] = None, ks: Sequence[int] = (1, 2, 4, 8), metric: str = "ip",
-                      map_at_r: bool = True, device: str = "auto", chunk_size: Optional[int] = None,
-                      progress: Optional[bool] = None) -> Dict[str, float]:
+def retrieval_metrics(
+    query: Array,
+    query_labels: Array,
+    gallery: Array | None = None,
+    gallery_labels: Array | None = None,
+    ks: Sequence[int] = (1, 2, 4, 8),
+    metric: str = "ip",
+    map_at_r: bool = True,
+    device: str = "auto",
+    chunk_size: int | None = None,
+    progress: bool | None = None,
+) -> dict[str, float]:
     """Recall@K / P@K for each K in ``ks``, MAP@R and R-precision (see the module docstring).
 
     Returns ``{"R@1": .., "P@1": .., ..., "MAP@R": .., "R-precision": .., "n_queries": evaluated queries,
@@ -282,7 +303,7 @@ def retrieval_metrics(query: Array, query_labels: Array, gallery: Optional[Array
     query = _as_float32(query, "query")
     query_labels = _labels(query_labels, len(query), "query_labels")
     if (gallery is None) != (gallery_labels is None):
-        raise ValueError("pass both gallery and gallery_labels, or neither (leave-one-out on the query set)")
+        raise InputError("pass both gallery and gallery_labels, or neither (leave-one-out on the query set)")
     leave_one_out = gallery is None
     if leave_one_out:
         gallery, gallery_labels = query, query_labels
@@ -296,9 +317,12 @@ def retrieval_metrics(query: Array, query_labels: Array, gallery: Optional[Array
     evaluated = np.flatnonzero(n_relevant > 0)
     n_no_relevant = len(query) - len(evaluated)
     if n_no_relevant:
-        warnings.warn(f"{n_no_relevant} of {len(query)} queries have no relevant gallery item (a class with no other "
-                      "member); they are left out of every metric", stacklevel=2)
-    result: Dict[str, float] = {}
+        warnings.warn(
+            f"{n_no_relevant} of {len(query)} queries have no relevant gallery item (a class with no other "
+            "member); they are left out of every metric",
+            stacklevel=2,
+        )
+    result: dict[str, float] = {}
     if len(evaluated) == 0:  # as pytorch-metric-learning: every metric 0
         result.update({f"R@{k}": 0.0 for k in ks}, **{f"P@{k}": 0.0 for k in ks})
         if map_at_r:
@@ -335,9 +359,16 @@ def retrieval_metrics(query: Array, query_labels: Array, gallery: Optional[Array
     return {**result, "n_queries": n, "n_queries_no_relevant": n_no_relevant}
 
 
-def first_relevant_rank(query: Array, query_labels: Array, gallery: Array, gallery_labels: Array,
-                        metric: str = "ip", device: str = "auto", chunk_size: Optional[int] = None,
-                        progress: Optional[bool] = None) -> np.ndarray:
+def first_relevant_rank(
+    query: Array,
+    query_labels: Array,
+    gallery: Array,
+    gallery_labels: Array,
+    metric: str = "ip",
+    device: str = "auto",
+    chunk_size: int | None = None,
+    progress: bool | None = None,
+) -> np.ndarray:
     """0-based rank of the best-ranked gallery item sharing each query's label, under the module's ranking rule
     (-1 when the gallery holds none). Exact over the whole gallery, computed in query chunks."""
     query, gallery = _as_float32(query, "query"), _check_gallery(gallery, np.shape(query)[1])
@@ -360,7 +391,7 @@ def first_relevant_rank(query: Array, query_labels: Array, gallery: Array, galle
     return ranks
 
 
-def _recall_summary(ranks: np.ndarray, ks: Sequence[int], prefix: str) -> Dict[str, float]:
+def _recall_summary(ranks: np.ndarray, ks: Sequence[int], prefix: str) -> dict[str, float]:
     ranks = ranks[ranks >= 0]
     out = {f"{prefix}_R@{k}": 100.0 * float((ranks < k).mean()) for k in ks}
     out[f"{prefix}_medr"] = float(np.floor(np.median(ranks)) + 1)
@@ -368,9 +399,16 @@ def _recall_summary(ranks: np.ndarray, ks: Sequence[int], prefix: str) -> Dict[s
     return out
 
 
-def image_text_metrics(image_emb: Array, text_emb: Array, text_image_ids: Array, ks: Sequence[int] = (1, 5, 10),
-                       image_labels: Optional[Array] = None, metric: str = "ip", device: str = "auto",
-                       progress: Optional[bool] = None) -> Dict[str, float]:
+def image_text_metrics(
+    image_emb: Array,
+    text_emb: Array,
+    text_image_ids: Array,
+    ks: Sequence[int] = (1, 5, 10),
+    image_labels: Array | None = None,
+    metric: str = "ip",
+    device: str = "auto",
+    progress: bool | None = None,
+) -> dict[str, float]:
     """i2t/t2i Recall@K (percent), ``rsum``, median/mean rank (see the module docstring).
 
     ``text_image_ids[j]`` is the row of ``image_emb`` that caption j describes (several captions per image).
@@ -382,10 +420,13 @@ def image_text_metrics(image_emb: Array, text_emb: Array, text_image_ids: Array,
     text_emb = _check_gallery(text_emb, image_emb.shape[1])
     text_image_ids = _labels(text_image_ids, len(text_emb), "text_image_ids")
     if text_image_ids.min() < 0 or text_image_ids.max() >= len(image_emb):
-        raise ValueError(f"text_image_ids must index image_emb rows (0..{len(image_emb) - 1}), got values in "
-                         f"[{text_image_ids.min()}, {text_image_ids.max()}]")
-    image_labels = np.arange(len(image_emb)) if image_labels is None else \
-        _labels(image_labels, len(image_emb), "image_labels")
+        raise InputError(
+            f"text_image_ids must index image_emb rows (0..{len(image_emb) - 1}), got values in "
+            f"[{text_image_ids.min()}, {text_image_ids.max()}]"
+        )
+    image_labels = (
+        np.arange(len(image_emb)) if image_labels is None else _labels(image_labels, len(image_emb), "image_labels")
+    )
     text_labels = image_labels[text_image_ids]
     common = dict(metric=metric, device=device, progress=progress)
     i2t = first_relevant_rank(image_emb, image_labels, text_emb, text_labels, **common)
@@ -399,32 +440,40 @@ def image_text_metrics(image_emb: Array, text_emb: Array, text_image_ids: Array,
     return out
 
 
-def coco_1k_folds(image_emb: Array, text_emb: Array, text_image_ids: Array, n_folds: int = 5, fold_size: int = 1000,
-                  **kwargs) -> Dict[str, float]:
+def coco_1k_folds(
+    image_emb: Array, text_emb: Array, text_image_ids: Array, n_folds: int = 5, fold_size: int = 1000, **kwargs
+) -> dict[str, float]:
     """COCO 1K protocol: ``image_text_metrics`` on ``n_folds`` consecutive folds of ``fold_size`` images (each with
     its own captions), averaged key by key."""
     image_emb, text_emb = _as_float32(image_emb, "image_emb"), _as_float32(text_emb, "text_emb")
     text_image_ids = _labels(text_image_ids, len(text_emb), "text_image_ids")
     if len(image_emb) < n_folds * fold_size:
-        raise ValueError(f"{n_folds} folds of {fold_size} images need {n_folds * fold_size} images, "
-                         f"got {len(image_emb)}")
+        raise InputError(
+            f"{n_folds} folds of {fold_size} images need {n_folds * fold_size} images, got {len(image_emb)}"
+        )
     image_labels = kwargs.pop("image_labels", None)
-    folds: List[Dict[str, float]] = []
+    folds: list[dict[str, float]] = []
     for lo in range(0, n_folds * fold_size, fold_size):
         captions = np.flatnonzero((text_image_ids >= lo) & (text_image_ids < lo + fold_size))
-        fold_labels = None if image_labels is None else np.asarray(image_labels)[lo:lo + fold_size]
-        folds.append(image_text_metrics(image_emb[lo:lo + fold_size], text_emb[captions],
-                                        text_image_ids[captions] - lo, image_labels=fold_labels, **kwargs))
+        fold_labels = None if image_labels is None else np.asarray(image_labels)[lo : lo + fold_size]
+        folds.append(
+            image_text_metrics(
+                image_emb[lo : lo + fold_size],
+                text_emb[captions],
+                text_image_ids[captions] - lo,
+                image_labels=fold_labels,
+                **kwargs,
+            )
+        )
     return {key: float(np.mean([fold[key] for fold in folds])) for key in folds[0]}
 
 
-def format_table(results: Union[Dict[str, float], List[Dict[str, float]]], names: Optional[Sequence[str]] = None
-                 ) -> str:
+def format_table(results: dict[str, float] | list[dict[str, float]], names: Sequence[str] | None = None) -> str:
     """A plain-text table: one row per result dict (``names`` label the rows), one column per metric."""
     rows = [results] if isinstance(results, dict) else list(results)
     if names is not None and len(names) != len(rows):
-        raise ValueError(f"got {len(names)} names for {len(rows)} result rows")
-    keys: List[str] = []
+        raise InputError(f"got {len(names)} names for {len(rows)} result rows")
+    keys: list[str] = []
     for row in rows:
         keys += [key for key in row if key not in keys]
 
@@ -438,13 +487,17 @@ def format_table(results: Union[Dict[str, float], List[Dict[str, float]]], names
         return str(value)
 
     header = ([""] if names is not None else []) + keys
-    body = [([names[i]] if names is not None else []) + [cell(row.get(key, "")) for key in keys]
-            for i, row in enumerate(rows)]
+    body = [
+        ([names[i]] if names is not None else []) + [cell(row.get(key, "")) for key in keys]
+        for i, row in enumerate(rows)
+    ]
     widths = [max(len(line[c]) for line in [header] + body) for c in range(len(header))]
     first_left = names is not None  # row names read left-aligned, numbers right-aligned
 
-    def fmt(line: List[str]) -> str:
-        return "  ".join(text.ljust(width) if c == 0 and first_left else text.rjust(width)
-                         for c, (text, width) in enumerate(zip(line, widths))).rstrip()
+    def fmt(line: list[str]) -> str:
+        return "  ".join(
+            text.ljust(width) if c == 0 and first_left else text.rjust(width)
+            for c, (text, width) in enumerate(zip(line, widths))
+        ).rstrip()
 
     return "\n".join([fmt(header), "  ".join("-" * w for w in widths)] + [fmt(line) for line in body])

@@ -6,14 +6,16 @@ tuples: ``(a, p, n)`` triplets (anchor rows of ``embeddings``, positive and nega
 of size B³ is ever allocated (triplet mining walks the positive pairs in chunks), so semi-hard mining at B = 1024
 needs a few MiB of working memory plus the returned indices.
 """
+
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Optional, Tuple
+from typing import Any
 
 import torch
 from torch import nn
 
+from metrank.errors import InputError
 from metrank.registry import Registry
 
 MINERS: Registry[nn.Module] = Registry("miner")
@@ -28,12 +30,17 @@ class BaseMiner(nn.Module):
     def __init__(self, distance: str = "euclidean") -> None:
         super().__init__()
         if distance not in ("euclidean", "cosine"):
-            raise ValueError(f"distance must be 'euclidean' or 'cosine', got {distance!r}")
+            raise InputError(f"distance must be 'euclidean' or 'cosine', got {distance!r}")
         self.distance = distance
 
     @torch.no_grad()
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, ref_emb: Optional[torch.Tensor] = None,
-                ref_labels: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, ...]:
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        ref_emb: torch.Tensor | None = None,
+        ref_labels: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, ...]:
         # Deferred: metrank.losses (its CPRD module) imports this module while the package loads.
         from metrank.losses.base import label_masks, prepare_inputs, ranking_distance
 
@@ -42,8 +49,7 @@ class BaseMiner(nn.Module):
         pos, neg = label_masks(inputs)
         return self.mine(dist, pos, neg, inputs)
 
-    def mine(self, dist: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor,
-             inputs: Any) -> Tuple[torch.Tensor, ...]:
+    def mine(self, dist: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, inputs: Any) -> tuple[torch.Tensor, ...]:
         raise NotImplementedError
 
 
@@ -61,7 +67,7 @@ class TripletMarginMiner(BaseMiner):
         super().__init__(distance)
         self.margin = float(margin)
         if type_of_triplets not in self.TYPES:
-            raise ValueError(f"type_of_triplets must be one of {self.TYPES}, got {type_of_triplets!r}")
+            raise InputError(f"type_of_triplets must be one of {self.TYPES}, got {type_of_triplets!r}")
         self.type_of_triplets = type_of_triplets
 
     def mine(self, dist, pos, neg, inputs):
@@ -70,8 +76,8 @@ class TripletMarginMiner(BaseMiner):
         chunk = max(1, _CHUNK_ELEMENTS // dist.shape[1])
         out_a, out_p, out_n = [], [], []
         for start in range(0, a_idx.shape[0], chunk):
-            a, p = a_idx[start:start + chunk], p_idx[start:start + chunk]
-            margin = dist[a] - d_ap[start:start + chunk, None]  # d_an − d_ap for every candidate n
+            a, p = a_idx[start : start + chunk], p_idx[start : start + chunk]
+            margin = dist[a] - d_ap[start : start + chunk, None]  # d_an − d_ap for every candidate n
             keep = neg[a] & (margin <= self.margin)
             if self.type_of_triplets == "semihard":
                 keep &= margin > 0
@@ -127,14 +133,16 @@ class TopKHardestNegativeMiner(BaseMiner):
     def __init__(self, k: int = 8, distance: str = "cosine") -> None:
         super().__init__(distance)
         if int(k) != k or k < 1:
-            raise ValueError(f"k must be a positive integer, got {k!r}")
+            raise InputError(f"k must be a positive integer, got {k!r}")
         self.k = int(k)
 
     def mine(self, dist, pos, neg, inputs):
         fewest = int(neg.sum(1).min())
         if self.k > fewest:
-            raise ValueError(f"topk_hardest needs k={self.k} negatives per anchor but some anchor has only {fewest} "
-                             f"among {dist.shape[1]} reference rows; lower k or use a larger batch/queue")
+            raise InputError(
+                f"topk_hardest needs k={self.k} negatives per anchor but some anchor has only {fewest} "
+                f"among {dist.shape[1]} reference rows; lower k or use a larger batch/queue"
+            )
         n = dist.masked_fill(~neg, float("inf")).topk(self.k, dim=1, largest=False).indices
         a = torch.arange(dist.shape[0], device=dist.device).repeat_interleave(self.k)
         return a, n.flatten()

@@ -1,7 +1,11 @@
 """A tiny name -> constructor registry behind every ``create_*`` factory (timm style)."""
+
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Generic, TypeVar
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+from metrank.errors import ConfigError
 
 T = TypeVar("T")
 
@@ -17,12 +21,12 @@ class Registry(Generic[T]):
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
-        self._entries: Dict[str, Callable[..., T]] = {}
+        self._entries: dict[str, Callable[..., T]] = {}
 
     def register(self, name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
         def decorator(fn: Callable[..., T]) -> Callable[..., T]:
             if name in self._entries:
-                raise ValueError(f"{self.kind} {name!r} is already registered")
+                raise ConfigError(f"{self.kind} {name!r} is already registered")
             self._entries[name] = fn
             return fn
 
@@ -30,7 +34,7 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> Callable[..., T]:
         if name not in self._entries:
-            raise ValueError(f"unknown {self.kind} {name!r}; valid names: {', '.join(sorted(self._entries))}")
+            raise ConfigError(f"unknown {self.kind} {name!r}; valid names: {', '.join(sorted(self._entries))}")
         return self._entries[name]
 
     def create(self, name: str, **kwargs: Any) -> T:

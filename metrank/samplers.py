@@ -7,22 +7,24 @@ default to :mod:`metrank.distributed`). Every rank builds the same global list o
 ``world_size``-th one starting at its rank; with ``drop_last=False`` the list is padded by wrapping around so every
 rank gets the same number of batches (DDP would hang otherwise).
 """
+
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Sampler
 
 from metrank import distributed
+from metrank.errors import InputError
 from metrank.registry import Registry
 from metrank.validation import check_embeddings
 
 SAMPLERS: Registry[Sampler] = Registry("sampler")
 
-ArrayLike = Union[np.ndarray, torch.Tensor, Sequence[int]]
+ArrayLike = np.ndarray | torch.Tensor | Sequence[int]
 
 
 def create_sampler(name: str, **kwargs) -> Sampler:
@@ -33,60 +35,60 @@ def create_sampler(name: str, **kwargs) -> Sampler:
 def _as_int_array(values: ArrayLike, name: str) -> np.ndarray:
     arr = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
     if arr.ndim != 1 or arr.size == 0:
-        raise ValueError(f"{name} must be a non-empty 1-D sequence, got shape {arr.shape}")
+        raise InputError(f"{name} must be a non-empty 1-D sequence, got shape {arr.shape}")
     if not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"{name} must hold integers, got dtype {arr.dtype}")
+        raise InputError(f"{name} must hold integers, got dtype {arr.dtype}")
     return arr.astype(np.int64)
 
 
-class _EpochBatchSampler(Sampler[List[int]]):
+class _EpochBatchSampler(Sampler[list[int]]):
     """Shared epoch/rank logic: subclasses implement ``_global_batches(rng) -> list of batches``."""
 
-    def __init__(self, seed: int, rank: Optional[int], world_size: Optional[int], drop_last: bool) -> None:
+    def __init__(self, seed: int, rank: int | None, world_size: int | None, drop_last: bool) -> None:
         self.seed, self.drop_last, self.epoch = seed, drop_last, 0
         self.world_size = distributed.world_size() if world_size is None else int(world_size)
         self.rank = distributed.rank() if rank is None else int(rank)
         if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"rank must be in [0, world_size={self.world_size}), got {self.rank}")
-        self._cache: Optional[tuple] = None
+            raise InputError(f"rank must be in [0, world_size={self.world_size}), got {self.rank}")
+        self._cache: tuple | None = None
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch whose (deterministic) shuffle the next iteration uses; call before each epoch."""
         self.epoch = int(epoch)
 
-    def _global_batches(self, rng: np.random.Generator) -> List[List[int]]:
+    def _global_batches(self, rng: np.random.Generator) -> list[list[int]]:
         raise NotImplementedError
 
-    def _rank_batches(self) -> List[List[int]]:
+    def _rank_batches(self) -> list[list[int]]:
         if self._cache is None or self._cache[0] != self.epoch:
             batches = self._global_batches(np.random.default_rng([self.seed, self.epoch]))
             if self.world_size > 1 and len(batches) % self.world_size:
                 if self.drop_last:
-                    batches = batches[:len(batches) - len(batches) % self.world_size]
+                    batches = batches[: len(batches) - len(batches) % self.world_size]
                 else:
-                    batches = batches + batches[:self.world_size - len(batches) % self.world_size]
-            self._cache = (self.epoch, batches[self.rank::self.world_size])
+                    batches = batches + batches[: self.world_size - len(batches) % self.world_size]
+            self._cache = (self.epoch, batches[self.rank :: self.world_size])
         return self._cache[1]
 
-    def __iter__(self) -> Iterator[List[int]]:
+    def __iter__(self) -> Iterator[list[int]]:
         return iter(self._rank_batches())
 
     def __len__(self) -> int:
         return len(self._rank_batches())
 
 
-def _class_groups(items: np.ndarray, k: int, rng: np.random.Generator) -> List[List[int]]:
+def _class_groups(items: np.ndarray, k: int, rng: np.random.Generator) -> list[list[int]]:
     """Split one class into ceil(n / k) groups of k distinct items; the last group is topped up from a fresh
     permutation of the items it does not hold yet. Fewer than k items: one group topped up with replacement."""
     n = len(items)
     if n < k:
         return [items.tolist() + rng.choice(items, k - n, replace=True).tolist()]
     order = rng.permutation(items).tolist()
-    groups = [order[i:i + k] for i in range(0, n, k)]
+    groups = [order[i : i + k] for i in range(0, n, k)]
     last = groups[-1]
     if len(last) < k:
         others = rng.permutation(np.setdiff1d(items, last)).tolist()
-        last.extend(others[:k - len(last)])
+        last.extend(others[: k - len(last)])
     return groups
 
 
@@ -115,34 +117,45 @@ class PKBatchSampler(_EpochBatchSampler):
     only when it has fewer than P classes left, so batches hold hard negatives from few super-classes.
     """
 
-    def __init__(self, labels: ArrayLike, p: int, k: int, seed: int = 0, rank: Optional[int] = None,
-                 world_size: Optional[int] = None, drop_last: bool = True,
-                 super_labels: Optional[ArrayLike] = None, allow_replacement: bool = True) -> None:
+    def __init__(
+        self,
+        labels: ArrayLike,
+        p: int,
+        k: int,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        drop_last: bool = True,
+        super_labels: ArrayLike | None = None,
+        allow_replacement: bool = True,
+    ) -> None:
         super().__init__(seed, rank, world_size, drop_last)
         self.labels = _as_int_array(labels, "labels")
         if p < 1 or k < 1:
-            raise ValueError(f"p and k must be >= 1, got p={p}, k={k}")
+            raise InputError(f"p and k must be >= 1, got p={p}, k={k}")
         self.p, self.k = int(p), int(k)
         self.classes, inverse = np.unique(self.labels, return_inverse=True)
         if len(self.classes) < self.p:
-            raise ValueError(f"p={p} classes per batch but the labels hold only {len(self.classes)} classes")
+            raise InputError(f"p={p} classes per batch but the labels hold only {len(self.classes)} classes")
         order = np.argsort(inverse, kind="stable")
         self.class_items = np.split(order, np.cumsum(np.bincount(inverse))[:-1])
         small = [int(self.classes[c]) for c, items in enumerate(self.class_items) if len(items) < self.k]
         if small and not allow_replacement:
-            raise ValueError(f"{len(small)} class(es) have fewer than k={k} items (e.g. {small[:10]}); "
-                             f"pass allow_replacement=True to sample them with replacement, lower k, or drop them")
-        self.class_super: Optional[np.ndarray] = None
+            raise InputError(
+                f"{len(small)} class(es) have fewer than k={k} items (e.g. {small[:10]}); "
+                f"pass allow_replacement=True to sample them with replacement, lower k, or drop them"
+            )
+        self.class_super: np.ndarray | None = None
         if super_labels is not None:
             sup = _as_int_array(super_labels, "super_labels")
             if len(sup) != len(self.labels):
-                raise ValueError(f"super_labels has length {len(sup)} but labels has {len(self.labels)}")
+                raise InputError(f"super_labels has length {len(sup)} but labels has {len(self.labels)}")
             self.class_super = np.array([sup[items[0]] for items in self.class_items])
             mixed = [int(self.classes[c]) for c, items in enumerate(self.class_items) if len(set(sup[items])) > 1]
             if mixed:
-                raise ValueError(f"classes {mixed[:10]} span several super-classes; each class needs one super-label")
+                raise InputError(f"classes {mixed[:10]} span several super-classes; each class needs one super-label")
 
-    def _global_batches(self, rng: np.random.Generator) -> List[List[int]]:
+    def _global_batches(self, rng: np.random.Generator) -> list[list[int]]:
         groups = [_class_groups(items, self.k, rng) for items in self.class_items]
         remaining = np.array([len(g) for g in groups])
         batches = []
@@ -158,7 +171,7 @@ class PKBatchSampler(_EpochBatchSampler):
     def _choose(self, alive: np.ndarray, remaining: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         if self.class_super is None:
             return _pick_largest(alive, remaining, self.p, rng)
-        chosen: List[np.ndarray] = []
+        chosen: list[np.ndarray] = []
         left = alive
         while sum(map(len, chosen)) < self.p and len(left):
             supers = np.unique(self.class_super[left])
@@ -181,29 +194,36 @@ class UniqueIdBatchSampler(_EpochBatchSampler):
     with more captions than the rest (with ``drop_last=False`` they come as smaller batches).
     """
 
-    def __init__(self, ids: ArrayLike, batch_size: int, seed: int = 0, rank: Optional[int] = None,
-                 world_size: Optional[int] = None, drop_last: bool = True) -> None:
+    def __init__(
+        self,
+        ids: ArrayLike,
+        batch_size: int,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        drop_last: bool = True,
+    ) -> None:
         super().__init__(seed, rank, world_size, drop_last)
         self.ids = _as_int_array(ids, "ids")
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise InputError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = int(batch_size)
         _, inverse = np.unique(self.ids, return_inverse=True)
         order = np.argsort(inverse, kind="stable")
         self.id_items = np.split(order, np.cumsum(np.bincount(inverse))[:-1])
 
-    def _global_batches(self, rng: np.random.Generator) -> List[List[int]]:
+    def _global_batches(self, rng: np.random.Generator) -> list[list[int]]:
         per_id = [rng.permutation(items) for items in self.id_items]
-        rounds: Dict[int, List[int]] = {}
+        rounds: dict[int, list[int]] = {}
         for captions in per_id:
             for r, c in enumerate(captions.tolist()):
                 rounds.setdefault(r, []).append(c)
         stream = iter([c for r in sorted(rounds) for c in rng.permutation(rounds[r]).tolist()])
         pending: deque = deque()
-        batches: List[List[int]] = []
+        batches: list[list[int]] = []
         exhausted = False
         while True:
-            batch: List[int] = []
+            batch: list[int] = []
             used = set()
             for _ in range(len(pending)):
                 c = pending.popleft()
@@ -240,37 +260,46 @@ class HardBatchSampler(_EpochBatchSampler):
     effect for the following batches.
     """
 
-    def __init__(self, embeddings: Union[np.ndarray, torch.Tensor, Callable[[], Union[np.ndarray, torch.Tensor]]],
-                 labels: ArrayLike, p: int, k: int, refresh_every: Optional[int] = None, seed: int = 0,
-                 rank: Optional[int] = None, world_size: Optional[int] = None, drop_last: bool = True) -> None:
+    def __init__(
+        self,
+        embeddings: np.ndarray | torch.Tensor | Callable[[], np.ndarray | torch.Tensor],
+        labels: ArrayLike,
+        p: int,
+        k: int,
+        refresh_every: int | None = None,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        drop_last: bool = True,
+    ) -> None:
         super().__init__(seed, rank, world_size, drop_last)
         self.labels = _as_int_array(labels, "labels")
         if p < 2 or k < 1:
-            raise ValueError(f"need p >= 2 classes and k >= 1 samples per batch, got p={p}, k={k}")
+            raise InputError(f"need p >= 2 classes and k >= 1 samples per batch, got p={p}, k={k}")
         self.p, self.k = int(p), int(k)
         if refresh_every is not None and refresh_every < 1:
-            raise ValueError(f"refresh_every must be >= 1 or None, got {refresh_every}")
+            raise InputError(f"refresh_every must be >= 1 or None, got {refresh_every}")
         self.refresh_every = refresh_every
         self.embeddings_fn = embeddings if callable(embeddings) else None
         self.classes, inverse = np.unique(self.labels, return_inverse=True)
         if len(self.classes) < self.p:
-            raise ValueError(f"p={p} classes per batch but the labels hold only {len(self.classes)} classes")
+            raise InputError(f"p={p} classes per batch but the labels hold only {len(self.classes)} classes")
         self._inverse = torch.from_numpy(inverse)
         order = np.argsort(inverse, kind="stable")
         self.class_items = np.split(order, np.cumsum(np.bincount(inverse))[:-1])
         self.update(self.embeddings_fn() if self.embeddings_fn is not None else embeddings)
 
-    def update(self, embeddings: Union[np.ndarray, torch.Tensor]) -> None:
+    def update(self, embeddings: np.ndarray | torch.Tensor) -> None:
         """Recompute the class centroids from fresh embeddings [n_items, dim] (row i = dataset item i)."""
         x = torch.as_tensor(embeddings).detach().float().cpu()
         if x.ndim != 2 or x.shape[0] != len(self.labels):
-            raise ValueError(f"embeddings must have shape ({len(self.labels)}, dim), got {tuple(x.shape)}")
+            raise InputError(f"embeddings must have shape ({len(self.labels)}, dim), got {tuple(x.shape)}")
         check_embeddings(x, "embeddings")
         x = torch.nn.functional.normalize(x, dim=1)
         sums = torch.zeros(len(self.classes), x.shape[1]).index_add_(0, self._inverse, x)
         self.centroids = torch.nn.functional.normalize(sums, dim=1)
 
-    def nearest_classes(self, seed_class: int, allowed: torch.Tensor, count: int) -> List[int]:
+    def nearest_classes(self, seed_class: int, allowed: torch.Tensor, count: int) -> list[int]:
         """Positions (in ``self.classes``) of the ``count`` allowed classes closest to ``seed_class``."""
         sims = self.centroids @ self.centroids[seed_class]
         sims[~allowed] = -float("inf")
@@ -282,7 +311,7 @@ class HardBatchSampler(_EpochBatchSampler):
             total = total // self.world_size if self.drop_last else -(-total // self.world_size)
         return total
 
-    def __iter__(self) -> Iterator[List[int]]:
+    def __iter__(self) -> Iterator[list[int]]:
         rng = np.random.default_rng([self.seed, self.epoch])
         cursors = [deque(rng.permutation(items).tolist()) for items in self.class_items]
         unvisited = torch.ones(len(self.classes), dtype=torch.bool)
@@ -300,11 +329,11 @@ class HardBatchSampler(_EpochBatchSampler):
             if b % self.world_size == self.rank:
                 yield batch
 
-    def _take(self, c: int, cursors: List[deque], rng: np.random.Generator) -> List[int]:
+    def _take(self, c: int, cursors: list[deque], rng: np.random.Generator) -> list[int]:
         items = self.class_items[c]
         if len(items) < self.k:
             return items.tolist() + rng.choice(items, self.k - len(items), replace=True).tolist()
-        out: List[int] = []
+        out: list[int] = []
         while len(out) < self.k:
             if not cursors[c]:
                 cursors[c].extend(x for x in rng.permutation(items).tolist() if x not in out)

@@ -6,14 +6,17 @@ token ids, token features, ...): a tensor, a list, a tuple of tensors or a dict 
 the pair index. This module provides a trainable cross-encoder head (:class:`CrossAttentionTeacher`), an adapter
 for a frozen dual encoder (:class:`TowerScoreTeacher`) and a cache for frozen teachers (:class:`CachedTeacher`).
 """
+
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Protocol, Tuple
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from metrank.errors import InputError
 
 
 class Teacher(Protocol):
@@ -34,8 +37,10 @@ def take_rows(batch: Any, index: torch.Tensor) -> Any:
         return tuple(take_rows(member, index) for member in batch)
     if isinstance(batch, list):
         return [batch[i] for i in index.tolist()]
-    raise ValueError(f"cannot index teacher inputs of type {type(batch).__name__}; pass a tensor, ndarray, list, "
-                     "tuple or dict of tensors with one row per batch item")
+    raise InputError(
+        f"cannot index teacher inputs of type {type(batch).__name__}; pass a tensor, ndarray, list, "
+        "tuple or dict of tensors with one row per batch item"
+    )
 
 
 class CachedTeacher:
@@ -49,23 +54,31 @@ class CachedTeacher:
 
     def __init__(self, teacher: Teacher) -> None:
         self.teacher = teacher
-        self.scores: Dict[Tuple[int, int], float] = {}
+        self.scores: dict[tuple[int, int], float] = {}
         self.hits = self.misses = 0
 
-    def __call__(self, images: Any, texts: Any, keys: torch.Tensor, image_rows: Optional[torch.Tensor] = None,
-                 text_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def __call__(
+        self,
+        images: Any,
+        texts: Any,
+        keys: torch.Tensor,
+        image_rows: torch.Tensor | None = None,
+        text_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if keys.ndim != 2 or keys.shape[1] != 2:
-            raise ValueError(f"keys must have shape (n, 2) = (image id, text id) per pair, got {tuple(keys.shape)}")
+            raise InputError(f"keys must have shape (n, 2) = (image id, text id) per pair, got {tuple(keys.shape)}")
         pairs = [tuple(k) for k in keys.tolist()]
-        first: Dict[Tuple[int, int], int] = {}
+        first: dict[tuple[int, int], int] = {}
         for p, key in enumerate(pairs):
             if key not in self.scores:
                 first.setdefault(key, p)
         if first:
             at = torch.tensor(list(first.values()), dtype=torch.long)
             with torch.no_grad():
-                fresh = self.teacher(take_rows(images, at if image_rows is None else image_rows.cpu()[at]),
-                                     take_rows(texts, at if text_rows is None else text_rows.cpu()[at]))
+                fresh = self.teacher(
+                    take_rows(images, at if image_rows is None else image_rows.cpu()[at]),
+                    take_rows(texts, at if text_rows is None else text_rows.cpu()[at]),
+                )
             self.scores.update(zip(first, fresh.detach().float().cpu().tolist()))
         self.misses += len(first)
         self.hits += len(pairs) - len(first)
@@ -102,7 +115,7 @@ class _CrossBlock(nn.Module):
         hidden = int(width * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, width))
 
-    def forward(self, text: torch.Tensor, image: torch.Tensor, text_padding: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, text: torch.Tensor, image: torch.Tensor, text_padding: torch.Tensor | None) -> torch.Tensor:
         h = self.norm_self(text)
         text = text + self.self_attn(h, h, h, key_padding_mask=text_padding, need_weights=False)[0]
         mem = self.norm_mem(image)
@@ -120,8 +133,16 @@ class CrossAttentionTeacher(nn.Module):
     :class:`CachedTeacher`) as the CPRD teacher.
     """
 
-    def __init__(self, image_dim: int, text_dim: int, width: int = 256, depth: int = 2, heads: int = 4,
-                 mlp_ratio: float = 4.0, dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        image_dim: int,
+        text_dim: int,
+        width: int = 256,
+        depth: int = 2,
+        heads: int = 4,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         self.image_proj = nn.Linear(image_dim, width)
         self.text_proj = nn.Linear(text_dim, width)
@@ -139,9 +160,14 @@ class CrossAttentionTeacher(nn.Module):
         pooled = (text * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp(min=1.0)
         return self.head(pooled).squeeze(-1)
 
-    def itm_loss(self, images: torch.Tensor, texts: Any, ids: torch.Tensor,
-                 similarity: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None
-                 ) -> torch.Tensor:
+    def itm_loss(
+        self,
+        images: torch.Tensor,
+        texts: Any,
+        ids: torch.Tensor,
+        similarity: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """Binary image-text matching loss on the B positive pairs plus one mined negative per image and per text.
 
         Row i of ``images`` and ``texts`` is a matching pair; ``ids`` (image id per row) marks rows that share an
@@ -153,7 +179,7 @@ class CrossAttentionTeacher(nn.Module):
         n = ids.shape[0]
         negative = ids[:, None] != ids[None, :]
         if not negative.any():
-            raise ValueError("itm_loss needs at least two different ids in the batch to draw negatives")
+            raise InputError("itm_loss needs at least two different ids in the batch to draw negatives")
         logits = torch.zeros(n, n, device=ids.device) if similarity is None else similarity.detach().float()
         rows = negative.any(1).nonzero().flatten()
         # softmax over the negatives of each row (masked to -inf elsewhere), then one draw per row

@@ -1,48 +1,55 @@
 """Input checks shared by metrics, indexes and losses: every failure is a ``ValueError`` that names the problem."""
-from __future__ import annotations
 
-from typing import Optional, Union
+from __future__ import annotations
 
 import numpy as np
 import torch
 
-Array = Union[np.ndarray, torch.Tensor]
+from metrank.errors import InputError
+
+Array = np.ndarray | torch.Tensor
 
 
-def check_embeddings(x: Array, name: str = "embeddings", dim: Optional[int] = None) -> Array:
+def check_embeddings(x: Array, name: str = "embeddings", dim: int | None = None) -> Array:
     """Check a 2-D float matrix of embeddings: non-empty, finite, and (optionally) ``dim`` columns wide.
 
     Returns the input unchanged (numpy arrays of other float dtypes are not converted here).
     """
     if not isinstance(x, (np.ndarray, torch.Tensor)):
-        raise ValueError(f"{name} must be a numpy array or torch tensor, got {type(x).__name__}")
+        raise InputError(f"{name} must be a numpy array or torch tensor, got {type(x).__name__}")
     if x.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (n, dim), got shape {tuple(x.shape)}")
+        raise InputError(f"{name} must be 2-D (n, dim), got shape {tuple(x.shape)}")
     is_float = x.is_floating_point() if isinstance(x, torch.Tensor) else np.issubdtype(x.dtype, np.floating)
     if not is_float:
-        raise ValueError(f"{name} must have a floating dtype, got {x.dtype}; cast with .astype('float32')")
+        raise InputError(f"{name} must have a floating dtype, got {x.dtype}; cast with .astype('float32')")
     if x.shape[0] == 0 or x.shape[1] == 0:
-        raise ValueError(f"{name} is empty (shape {tuple(x.shape)})")
+        raise InputError(f"{name} is empty (shape {tuple(x.shape)})")
     if dim is not None and x.shape[1] != dim:
-        raise ValueError(f"{name} has dimension {x.shape[1]} but {dim} was expected")
+        raise InputError(f"{name} has dimension {x.shape[1]} but {dim} was expected")
     finite = torch.isfinite(x.detach()).all().item() if isinstance(x, torch.Tensor) else np.isfinite(x).all()
     if not finite:
-        bad = (~torch.isfinite(x.detach())).any(1).nonzero().flatten()[:5].tolist() if isinstance(x, torch.Tensor) \
+        bad = (
+            (~torch.isfinite(x.detach())).any(1).nonzero().flatten()[:5].tolist()
+            if isinstance(x, torch.Tensor)
             else np.flatnonzero(~np.isfinite(x).all(1))[:5].tolist()
-        raise ValueError(f"{name} contains NaN or inf values (first bad rows: {bad}); check the model outputs")
+        )
+        raise InputError(f"{name} contains NaN or inf values (first bad rows: {bad}); check the model outputs")
     return x
 
 
 def check_labels(labels: Array, n: int, name: str = "labels") -> Array:
     """Check a 1-D integer label vector of length ``n``."""
     if not isinstance(labels, (np.ndarray, torch.Tensor)):
-        raise ValueError(f"{name} must be a numpy array or torch tensor, got {type(labels).__name__}")
+        raise InputError(f"{name} must be a numpy array or torch tensor, got {type(labels).__name__}")
     if labels.ndim != 1:
-        raise ValueError(f"{name} must be 1-D, got shape {tuple(labels.shape)}")
+        raise InputError(f"{name} must be 1-D, got shape {tuple(labels.shape)}")
     if labels.shape[0] != n:
-        raise ValueError(f"{name} has length {labels.shape[0]} but there are {n} embeddings")
-    is_int = (not labels.is_floating_point() and not labels.is_complex() and labels.dtype != torch.bool) \
-        if isinstance(labels, torch.Tensor) else np.issubdtype(labels.dtype, np.integer)
+        raise InputError(f"{name} has length {labels.shape[0]} but there are {n} embeddings")
+    is_int = (
+        (not labels.is_floating_point() and not labels.is_complex() and labels.dtype != torch.bool)
+        if isinstance(labels, torch.Tensor)
+        else np.issubdtype(labels.dtype, np.integer)
+    )
     if not is_int:
-        raise ValueError(f"{name} must have an integer dtype, got {labels.dtype}")
+        raise InputError(f"{name} must have an integer dtype, got {labels.dtype}")
     return labels

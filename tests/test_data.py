@@ -1,5 +1,6 @@
 """Data loaders: standard layouts on small fixtures written here in the real formats; the offline sets (emoji,
 Tux Paint, Fashion-MNIST) on the real data; unreadable images and empty captions."""
+
 import argparse
 import gzip
 import json
@@ -9,8 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from metrank.data import (DATASETS, ImageLabelDataset, ImageLoadError, ImageTextDataset, create_dataset,
-                          open_rgb)
+from metrank.data import DATASETS, ImageLabelDataset, ImageLoadError, ImageTextDataset, create_dataset, open_rgb
 
 
 def write_png(path, color=(255, 0, 0), size=(8, 6), mode="RGB"):
@@ -23,8 +23,10 @@ def write_png(path, color=(255, 0, 0), size=(8, 6), mode="RGB"):
 def test_cub_layout_and_class_disjoint_split(tmp_path):
     base = tmp_path / "CUB_200_2011"
     rows, labels = [], []
-    for i, (cls, name) in enumerate([(1, "001.A/a1.jpg"), (1, "001.A/a2.jpg"), (100, "100.B/b.jpg"),
-                                     (101, "101.C/c.jpg"), (200, "200.D/d.jpg")], start=1):
+    for i, (cls, name) in enumerate(
+        [(1, "001.A/a1.jpg"), (1, "001.A/a2.jpg"), (100, "100.B/b.jpg"), (101, "101.C/c.jpg"), (200, "200.D/d.jpg")],
+        start=1,
+    ):
         write_png(str(base / "images" / name), color=(i, 0, 0))
         rows.append(f"{i} {name}")
         labels.append(f"{i} {cls}")
@@ -43,8 +45,12 @@ def test_cub_layout_and_class_disjoint_split(tmp_path):
 def test_cars196_mat_and_csv(tmp_path):
     from scipy.io import savemat
 
-    annotations = [("car_ims/000001.jpg", 1), ("car_ims/000002.jpg", 98), ("car_ims/000003.jpg", 99),
-                   ("car_ims/000004.jpg", 196)]
+    annotations = [
+        ("car_ims/000001.jpg", 1),
+        ("car_ims/000002.jpg", 98),
+        ("car_ims/000003.jpg", 99),
+        ("car_ims/000004.jpg", 196),
+    ]
     for path, _ in annotations:
         write_png(str(tmp_path / "mat" / path))
     record = np.zeros(len(annotations), dtype=[("relative_im_path", "O"), ("class", "O"), ("test", "O")])
@@ -58,7 +64,8 @@ def test_cars196_mat_and_csv(tmp_path):
     assert test[0][0].size == (8, 6)
     (tmp_path / "csv").mkdir()
     (tmp_path / "csv" / "cars_annos.csv").write_text(
-        "relative_im_path,class\n" + "".join(f"{p},{c}\n" for p, c in annotations))
+        "relative_im_path,class\n" + "".join(f"{p},{c}\n" for p, c in annotations)
+    )
     from_csv = create_dataset("cars196", root=str(tmp_path / "csv"), split="test")
     assert from_csv.class_names == test.class_names and len(from_csv) == 2
 
@@ -67,8 +74,9 @@ def test_sop_files_and_super_labels(tmp_path):
     base = tmp_path / "Stanford_Online_Products"
     base.mkdir()
     header = "image_id class_id super_class_id path\n"
-    (base / "Ebay_train.txt").write_text(header + "1 1 1 bicycle_final/a.JPG\n2 1 1 bicycle_final/b.JPG\n"
-                                         "3 2 2 chair_final/c.JPG\n")
+    (base / "Ebay_train.txt").write_text(
+        header + "1 1 1 bicycle_final/a.JPG\n2 1 1 bicycle_final/b.JPG\n3 2 2 chair_final/c.JPG\n"
+    )
     (base / "Ebay_test.txt").write_text(header + "4 11319 3 cabinet_final/d.JPG\n5 11320 3 cabinet_final/e.JPG\n")
     train = create_dataset("sop", root=str(tmp_path), split="train")
     assert train.labels.tolist() == [0, 0, 1] and train.super_labels.tolist() == [0, 0, 1]
@@ -79,14 +87,17 @@ def test_sop_files_and_super_labels(tmp_path):
 
 
 def test_inshop_query_gallery_share_labels(tmp_path):
-    rows = [("img/WOMEN/Dresses/id_1/01.jpg", "id_00000001", "train"),
-            ("img/WOMEN/Dresses/id_2/01.jpg", "id_00000002", "query"),
-            ("img/WOMEN/Dresses/id_3/01.jpg", "id_00000003", "query"),
-            ("img/WOMEN/Dresses/id_2/02.jpg", "id_00000002", "gallery"),
-            ("img/WOMEN/Dresses/id_3/02.jpg", "id_00000003", "gallery"),
-            ("img/WOMEN/Dresses/id_4/01.jpg", "id_00000004", "gallery")]
+    rows = [
+        ("img/WOMEN/Dresses/id_1/01.jpg", "id_00000001", "train"),
+        ("img/WOMEN/Dresses/id_2/01.jpg", "id_00000002", "query"),
+        ("img/WOMEN/Dresses/id_3/01.jpg", "id_00000003", "query"),
+        ("img/WOMEN/Dresses/id_2/02.jpg", "id_00000002", "gallery"),
+        ("img/WOMEN/Dresses/id_3/02.jpg", "id_00000003", "gallery"),
+        ("img/WOMEN/Dresses/id_4/01.jpg", "id_00000004", "gallery"),
+    ]
     (tmp_path / "list_eval_partition.txt").write_text(
-        f"{len(rows)}\nimage_name item_id evaluation_status\n" + "".join(f"{p} {i} {s}\n" for p, i, s in rows))
+        f"{len(rows)}\nimage_name item_id evaluation_status\n" + "".join(f"{p} {i} {s}\n" for p, i, s in rows)
+    )
     query = create_dataset("inshop", root=str(tmp_path), split="query")
     gallery = create_dataset("inshop", root=str(tmp_path), split="gallery")
     assert query.labels.tolist() == [0, 1] and gallery.labels.tolist() == [0, 1, 2]
@@ -101,9 +112,15 @@ def karpathy_json(path, entries):
 
 
 def test_flickr30k_and_coco_karpathy(tmp_path):
-    entries = [{"filename": f"{i}.jpg", "split": split, "imgid": i,
-                "sentences": [{"raw": f"caption {i}.{j}", "tokens": []} for j in range(5)]}
-               for i, split in enumerate(["train", "train", "val", "test"])]
+    entries = [
+        {
+            "filename": f"{i}.jpg",
+            "split": split,
+            "imgid": i,
+            "sentences": [{"raw": f"caption {i}.{j}", "tokens": []} for j in range(5)],
+        }
+        for i, split in enumerate(["train", "train", "val", "test"])
+    ]
     karpathy_json(tmp_path / "dataset_flickr30k.json", entries)
     test = create_dataset("flickr30k", root=str(tmp_path), split="test")
     assert isinstance(test, ImageTextDataset)
@@ -113,8 +130,16 @@ def test_flickr30k_and_coco_karpathy(tmp_path):
     assert len(train.images) == 2 and len(train) == 10 and train.caption_image.tolist() == [0] * 5 + [1] * 5
     assert train.caption_labels.tolist() == [0] * 5 + [1] * 5
 
-    coco = [{"filepath": "val2014", "filename": f"COCO_val2014_{i}.jpg", "split": s, "cocoid": i,
-             "sentences": [{"raw": f"c{i}"}]} for i, s in enumerate(["train", "restval", "test"])]
+    coco = [
+        {
+            "filepath": "val2014",
+            "filename": f"COCO_val2014_{i}.jpg",
+            "split": s,
+            "cocoid": i,
+            "sentences": [{"raw": f"c{i}"}],
+        }
+        for i, s in enumerate(["train", "restval", "test"])
+    ]
     karpathy_json(tmp_path / "dataset_coco.json", coco)
     assert len(create_dataset("coco", root=str(tmp_path), split="train").images) == 2
     assert len(create_dataset("coco", root=str(tmp_path), split="train", restval=False).images) == 1
@@ -132,21 +157,26 @@ def test_image_folder_split_is_class_disjoint(tmp_path):
     train = create_dataset("image_folder", root=str(tmp_path), split="train", test_fraction=0.5, seed=1)
     test = create_dataset("image_folder", root=str(tmp_path), split="test", test_fraction=0.5, seed=1)
     assert not set(train.class_names) & set(test.class_names) and len(train) + len(test) == 12
-    assert test.class_names == create_dataset("image_folder", root=str(tmp_path), split="test",
-                                              test_fraction=0.5, seed=1).class_names
+    assert (
+        test.class_names
+        == create_dataset("image_folder", root=str(tmp_path), split="test", test_fraction=0.5, seed=1).class_names
+    )
 
 
 def test_csv_and_jsonl_caption_tables(tmp_path):
     write_png(str(tmp_path / "imgs" / "a.png"))
     write_png(str(tmp_path / "imgs" / "b.png"))
-    (tmp_path / "pairs.csv").write_text("image,caption,split\nimgs/a.png,a red square,train\n"
-                                        "imgs/a.png,red block,train\nimgs/b.png,another one,test\n")
+    (tmp_path / "pairs.csv").write_text(
+        "image,caption,split\nimgs/a.png,a red square,train\nimgs/a.png,red block,train\nimgs/b.png,another one,test\n"
+    )
     train = create_dataset("csv", root=str(tmp_path / "pairs.csv"), split="train")
     assert train.images == [str(tmp_path / "imgs" / "a.png")] and train.captions == ["a red square", "red block"]
     image, caption, label = train[1]
     assert image.size == (8, 6) and caption == "red block" and label == 0
-    rows = [{"image": "imgs/a.png", "caption": "x", "label": "k"}, {"image": "imgs/b.png", "caption": "y",
-                                                                     "label": "k"}]
+    rows = [
+        {"image": "imgs/a.png", "caption": "x", "label": "k"},
+        {"image": "imgs/b.png", "caption": "y", "label": "k"},
+    ]
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     table = create_dataset("csv", root=str(tmp_path / "pairs.jsonl"))
     assert table.image_labels.tolist() == [0, 0]  # the label column groups images
@@ -232,8 +262,9 @@ def test_tuxpaint_real_stamps():
     train, test = create_dataset("tuxpaint", split="train"), create_dataset("tuxpaint", split="test")
     assert not set(train.images) & set(test.images) and len(train.images) + len(test.images) == 950
     by_category = create_dataset("tuxpaint", split="test", split_by="category")
-    assert not set(by_category.class_names) & set(create_dataset("tuxpaint", split="train",
-                                                                 split_by="category").class_names)
+    assert not set(by_category.class_names) & set(
+        create_dataset("tuxpaint", split="train", split_by="category").class_names
+    )
 
 
 def test_fashion_mnist_real_files():
@@ -242,7 +273,7 @@ def test_fashion_mnist_real_files():
     assert len(train) == 60000 and len(test) == 10000
     assert np.bincount(train.labels).tolist() == [6000] * 10  # published class balance
     with gzip.open("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz") as f:
-        first = np.frombuffer(f.read()[16:16 + 784], dtype=np.uint8).reshape(28, 28)
+        first = np.frombuffer(f.read()[16 : 16 + 784], dtype=np.uint8).reshape(28, 28)
     image, label = test[0]
     assert image.size == (28, 28) and label == 9  # the first test item is an ankle boot
     np.testing.assert_array_equal(np.asarray(image)[:, :, 0], first)
@@ -258,8 +289,19 @@ def test_unknown_dataset_lists_valid_names(tmp_path):
         create_dataset("cub", root=str(tmp_path / "absent"))
     with pytest.raises(ValueError, match="split must be one of train, test, all"):
         create_dataset("emoji", split="validation")
-    assert {"emoji", "tuxpaint", "fashion_mnist", "cub", "cars196", "sop", "inshop", "flickr30k", "coco",
-            "image_folder", "csv"} == set(DATASETS.names())
+    assert {
+        "emoji",
+        "tuxpaint",
+        "fashion_mnist",
+        "cub",
+        "cars196",
+        "sop",
+        "inshop",
+        "flickr30k",
+        "coco",
+        "image_folder",
+        "csv",
+    } == set(DATASETS.names())
 
 
 def test_data_command_list_and_fetch(capsys, tmp_path):
@@ -267,8 +309,11 @@ def test_data_command_list_and_fetch(capsys, tmp_path):
 
     parser = argparse.ArgumentParser()
     data.register(parser.add_subparsers())
-    for argv in (["data", "list", "--root", str(tmp_path)], ["data", "fetch", "sop", "--root", str(tmp_path)],
-                 ["data", "fetch", "fashion_mnist"]):
+    for argv in (
+        ["data", "list", "--root", str(tmp_path)],
+        ["data", "fetch", "sop", "--root", str(tmp_path)],
+        ["data", "fetch", "fashion_mnist"],
+    ):
         args = parser.parse_args(argv)
         assert args.func(args) == 0
     out = capsys.readouterr().out

@@ -39,8 +39,10 @@ def build(loss_name: str) -> PairModel:
 
 def global_batch():
     g = torch.Generator().manual_seed(1)
-    image_x, text_x = torch.randn(8, 6, generator=g, dtype=torch.float64), torch.randn(8, 6, generator=g,
-                                                                                       dtype=torch.float64)
+    image_x, text_x = (
+        torch.randn(8, 6, generator=g, dtype=torch.float64),
+        torch.randn(8, 6, generator=g, dtype=torch.float64),
+    )
     # duplicated ids within a rank (0, 2) and across ranks (7); 7 positive pairs per rank and direction
     ids = torch.tensor([0, 0, 1, 7, 2, 2, 3, 7])
     return image_x, text_x, ids
@@ -59,8 +61,9 @@ def worker(rank, port, expected):
             dist.all_reduce(mean_loss)
             torch.testing.assert_close(mean_loss / WORLD, expected_loss, rtol=1e-12, atol=1e-12, msg=loss_name)
             for name, param in model.module.named_parameters():
-                torch.testing.assert_close(param.grad, expected_grads[name], rtol=1e-10, atol=1e-12,
-                                           msg=f"{loss_name}: {name}")
+                torch.testing.assert_close(
+                    param.grad, expected_grads[name], rtol=1e-10, atol=1e-12, msg=f"{loss_name}: {name}"
+                )
     finally:
         dist.destroy_process_group()
 

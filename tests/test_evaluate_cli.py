@@ -1,4 +1,5 @@
 """`metrank evaluate` and eval/evaluate.py end to end on files written to disk."""
+
 import json
 import os
 import subprocess
@@ -29,8 +30,20 @@ def class_data(tmp_path):
 def test_cli_leave_one_out_prints_table_and_writes_json(class_data, capsys):
     folder, x, labels = class_data
     out = folder / "res" / "metrics.json"
-    code = main(["evaluate", "--query", str(folder / "all.npz:embeddings"), "--labels", str(folder / "all.npz:labels"),
-                 "--ks", "1", "5", "--json", str(out)])
+    code = main(
+        [
+            "evaluate",
+            "--query",
+            str(folder / "all.npz:embeddings"),
+            "--labels",
+            str(folder / "all.npz:labels"),
+            "--ks",
+            "1",
+            "5",
+            "--json",
+            str(out),
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "R@1" in printed and "MAP@R" in printed
@@ -45,13 +58,28 @@ def test_cli_query_gallery_from_pt_files(class_data, tmp_path):
     torch.save(torch.from_numpy(x[50:]), tmp_path / "g.pt")
     np.save(tmp_path / "gl.npy", labels[50:])
     out = tmp_path / "qg.json"
-    code = main(["evaluate", "--query", f"{tmp_path}/q.pt:emb", "--labels", f"{tmp_path}/q.pt:y", "--gallery",
-                 str(tmp_path / "g.pt"), "--gallery-labels", str(tmp_path / "gl.npy"), "--no-map", "--json", str(out)])
+    code = main(
+        [
+            "evaluate",
+            "--query",
+            f"{tmp_path}/q.pt:emb",
+            "--labels",
+            f"{tmp_path}/q.pt:y",
+            "--gallery",
+            str(tmp_path / "g.pt"),
+            "--gallery-labels",
+            str(tmp_path / "gl.npy"),
+            "--no-map",
+            "--json",
+            str(out),
+        ]
+    )
     assert code == 0
     saved = json.loads(out.read_text())
     assert saved["mode"] == "query-gallery" and "MAP@R" not in saved["metrics"]
-    assert saved["metrics"] == pytest.approx(retrieval_metrics(x[:50], labels[:50], x[50:], labels[50:],
-                                                               map_at_r=False))
+    assert saved["metrics"] == pytest.approx(
+        retrieval_metrics(x[:50], labels[:50], x[50:], labels[50:], map_at_r=False)
+    )
 
 
 def test_script_image_text_mode(tmp_path):
@@ -62,9 +90,23 @@ def test_script_image_text_mode(tmp_path):
     save_arrays(str(tmp_path / "pairs.npz"), images=images, texts=texts, ids=ids)
     out = tmp_path / "it.json"
     src = str(tmp_path / "pairs.npz")
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "eval", "evaluate.py"), "--images", src + ":images",
-                           "--texts", src + ":texts", "--text-image-ids", src + ":ids", "--json", str(out)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "eval", "evaluate.py"),
+            "--images",
+            src + ":images",
+            "--texts",
+            src + ":texts",
+            "--text-image-ids",
+            src + ":ids",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "rsum" in proc.stdout and "t2i_R@1" in proc.stdout
     saved = json.loads(out.read_text())

@@ -1,4 +1,5 @@
 """The HTTP service on a real uvicorn server on a loopback port: every endpoint, bad inputs, API key, concurrency."""
+
 import json
 from concurrent.futures import ThreadPoolExecutor
 
@@ -21,12 +22,18 @@ def service(tmp_path_factory):
     data = create_dataset("emoji", split="test")
     google = [i for i, v in enumerate(data.image_views) if v == "google"][:16]
     retriever = Retriever.create(model=create_model("lite0-minilm", image_size=128))
-    retriever.add(images=[data.images[i] for i in google], progress=False,
-                  metadata=[{"name": data.captions[i], "group": "emoji"} for i in google])
+    retriever.add(
+        images=[data.images[i] for i in google],
+        progress=False,
+        metadata=[{"name": data.captions[i], "group": "emoji"} for i in google],
+    )
     rng = np.random.default_rng(0)
     vectors = rng.standard_normal((300, retriever.dim)).astype(np.float32)
-    retriever.add(vectors=vectors / np.linalg.norm(vectors, axis=1, keepdims=True), progress=False,
-                  metadata=[{"c": i % 5} for i in range(300)])
+    retriever.add(
+        vectors=vectors / np.linalg.norm(vectors, axis=1, keepdims=True),
+        progress=False,
+        metadata=[{"c": i % 5} for i in range(300)],
+    )
     directory = tmp_path_factory.mktemp("served")
     retriever.save(str(directory))
     app = create_app(retriever, max_upload_bytes=MAX_UPLOAD, max_request_bytes=MAX_REQUEST)
@@ -61,11 +68,15 @@ def test_search_endpoints_equal_retriever(service):
     expected = [h.id for h in retriever.search(vector=query, k=7, filter={"c": [1, 3]})]
     assert _ids(requests.post(f"{url}/search", json=body)) == expected
     text_hits = requests.post(f"{url}/search", json={"text": "smiling face", "k": 5, "modality": "image"}).json()
-    assert [h["id"] for h in text_hits["hits"]] == [h.id for h in retriever.search(text="smiling face", k=5,
-                                                                                    modality="image")]
+    assert [h["id"] for h in text_hits["hits"]] == [
+        h.id for h in retriever.search(text="smiling face", k=5, modality="image")
+    ]
     assert all(h["image_url"] == f"/items/{h['id']}/image" for h in text_hits["hits"])
-    upload = requests.post(f"{url}/search/image", files={"file": ("q.png", _png(images[2]), "image/png")},
-                           data={"k": "3", "modality": "image", "filter": json.dumps({"group": "emoji"})})
+    upload = requests.post(
+        f"{url}/search/image",
+        files={"file": ("q.png", _png(images[2]), "image/png")},
+        data={"k": "3", "modality": "image", "filter": json.dumps({"group": "emoji"})},
+    )
     assert _ids(upload) == [h.id for h in retriever.search(image=images[2], k=3, modality="image")]
     assert _ids(upload)[0] == 2  # the same picture comes first
 
@@ -79,23 +90,31 @@ def test_items_add_get_image_delete(service):
     item = requests.get(f"{url}/items/{new_ids[0]}").json()
     assert item["metadata"] == {"tag": "new"} and item["modality"] == "vector" and item["image_url"] is None
     texts = requests.post(f"{url}/items", json={"texts": ["a red apple"], "metadata": [{"tag": "fruit"}]}).json()
-    assert requests.post(f"{url}/search", json={"text": "a red apple", "k": 1, "modality": "text"}).json()[
-        "hits"][0]["id"] == texts["ids"][0]
+    assert (
+        requests.post(f"{url}/search", json={"text": "a red apple", "k": 1, "modality": "text"}).json()["hits"][0]["id"]
+        == texts["ids"][0]
+    )
     # image served for a result: exactly the registered file
     assert requests.get(f"{url}/items/0/image").content == _png(images[0])
-    uploaded = requests.post(f"{url}/items/images", files=[("files", ("a.png", _png(images[5]), "image/png"))],
-                             data={"metadata": json.dumps([{"name": "uploaded"}])})
+    uploaded = requests.post(
+        f"{url}/items/images",
+        files=[("files", ("a.png", _png(images[5]), "image/png"))],
+        data={"metadata": json.dumps([{"name": "uploaded"}])},
+    )
     up_id = uploaded.json()["ids"][0]
     served = requests.get(f"{url}/items/{up_id}/image")
     assert served.content == _png(images[5]) and served.headers["content-type"] == "image/png"
     assert requests.delete(f"{url}/items/{new_ids[0]}").json() == {"removed": 1}
     assert requests.get(f"{url}/items/{new_ids[0]}").status_code == 404
     assert requests.post(f"{url}/items/delete", json={"ids": new_ids[1:] + [up_id] + texts["ids"]}).json() == {
-        "removed": 4}
+        "removed": 4
+    }
     assert requests.get(f"{url}/health").json()["items"] == len(retriever) == 316
     saved = requests.post(f"{url}/save").json()["snapshot"]
     reloaded = Retriever.load(retriever.directory)
-    assert saved.startswith(retriever.directory) and len(reloaded) == 316 and reloaded.get(0).metadata["group"] == "emoji"
+    assert (
+        saved.startswith(retriever.directory) and len(reloaded) == 316 and reloaded.get(0).metadata["group"] == "emoji"
+    )
 
 
 def test_bad_requests_get_4xx_with_reason(service):
@@ -111,15 +130,25 @@ def test_bad_requests_get_4xx_with_reason(service):
     def stream():  # no Content-Length: counted while streaming
         for _ in range(60):
             yield b"x" * 10_000
+
     check(requests.post(f"{url}/search", data=stream(), headers={"Content-Type": "application/json"}), 413, "exceeds")
-    check(requests.post(f"{url}/search/image", files={"file": ("notes.txt", b"hello, not an image", "text/plain")}),
-          415, "not an image")
-    check(requests.post(f"{url}/search/image", files={"file": ("cut.png", _png(images[0])[:60], "image/png")}),
-          400, "corrupt")
+    check(
+        requests.post(f"{url}/search/image", files={"file": ("notes.txt", b"hello, not an image", "text/plain")}),
+        415,
+        "not an image",
+    )
+    check(
+        requests.post(f"{url}/search/image", files={"file": ("cut.png", _png(images[0])[:60], "image/png")}),
+        400,
+        "corrupt",
+    )
     check(requests.post(f"{url}/search", json={"vector": [0.1, 0.2], "k": 3}), 422, "needs 256")
     check(requests.post(f"{url}/items", json={"vectors": [[0.1] * 10]}), 422, "needs 256")
-    check(requests.post(f"{url}/search", data=b'{"text": "cat", "k":', headers={"Content-Type": "application/json"}),
-          422, "malformed")
+    check(
+        requests.post(f"{url}/search", data=b'{"text": "cat", "k":', headers={"Content-Type": "application/json"}),
+        422,
+        "malformed",
+    )
     check(requests.post(f"{url}/search", json={"text": "cat", "k": 0}), 422, "malformed")
     check(requests.post(f"{url}/search", json={"k": 3}), 422, "exactly one")
     check(requests.post(f"{url}/search", json={"text": "cat", "filter": {"bad'key": 1}}), 400, "filter key")
@@ -130,8 +159,15 @@ def test_bad_requests_get_4xx_with_reason(service):
     check(requests.delete(f"{url}/items/987654"), 404, "unknown id")
     check(requests.post(f"{url}/items", json={"vectors": [[0.0] * 256], "ids": [0]}), 400, "already")
     check(requests.post(f"{url}/search/image", data={"k": "3"}), 422, "malformed")
-    check(requests.post(f"{url}/items/images", files=[("files", ("a.png", _png(images[0]), "image/png"))],
-                        data={"metadata": "{not json"}), 422, "not valid JSON")
+    check(
+        requests.post(
+            f"{url}/items/images",
+            files=[("files", ("a.png", _png(images[0]), "image/png"))],
+            data={"metadata": "{not json"},
+        ),
+        422,
+        "not valid JSON",
+    )
     # no path traversal: files are resolved by item id only
     for path in ("/items/..%2F..%2Fetc%2Fpasswd/image", "/static/../../../etc/passwd", "/static/%2e%2e/server.py"):
         response = requests.get(url + path)
@@ -145,8 +181,10 @@ def test_api_key_and_concurrency(service):
         assert requests.post(f"{keyed}/search", json={"text": "cat"}).status_code == 401
         assert requests.post(f"{keyed}/search", json={"text": "cat"}, headers={"X-API-Key": "wrong"}).status_code == 401
         assert requests.get(f"{keyed}/items/0/image").status_code == 401
-        assert requests.post(f"{keyed}/search", json={"text": "cat", "k": 2},
-                             headers={"X-API-Key": "s3cret"}).status_code == 200
+        assert (
+            requests.post(f"{keyed}/search", json={"text": "cat", "k": 2}, headers={"X-API-Key": "s3cret"}).status_code
+            == 200
+        )
         assert requests.get(f"{keyed}/health").status_code == 200 and requests.get(f"{keyed}/").status_code == 200
 
     queries = rng.standard_normal((40, retriever.dim)).astype(np.float32)
@@ -162,6 +200,7 @@ def test_api_key_and_concurrency(service):
         added = requests.post(f"{url}/items", json={"vectors": vectors, "metadata": [{"writer": i}] * 5})
         found = requests.post(f"{url}/search", json={"vector": vectors[0], "k": 1, "filter": {"writer": i}})
         return added.json()["ids"], found.json()["hits"][0]["id"]
+
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(add_then_search, range(16)))
     all_ids = [i for ids, _ in results for i in ids]

@@ -1,4 +1,5 @@
 """metrank.index: FAISS wrapper behaviour checked against brute-force numpy search."""
+
 import os
 
 import faiss
@@ -25,8 +26,11 @@ def data(n=600, d=16, seed=0):
 
 
 def brute_force(q, x, k, metric="ip"):
-    s = q.astype(np.float64) @ x.T.astype(np.float64) if metric == "ip" else \
-        ((q[:, None, :].astype(np.float64) - x[None]) ** 2).sum(-1)
+    s = (
+        q.astype(np.float64) @ x.T.astype(np.float64)
+        if metric == "ip"
+        else ((q[:, None, :].astype(np.float64) - x[None]) ** 2).sum(-1)
+    )
     order = np.argsort(-s if metric == "ip" else s, axis=1)[:, :k]
     return np.take_along_axis(s, order, 1), order
 
@@ -85,8 +89,10 @@ def test_hnsw_removal_is_a_clear_error_and_efsearch_is_settable():
         index.nprobe = 4
 
 
-@pytest.mark.parametrize("spec, kwargs", [("Flat", {}), ("ivf_flat", {"nlist": 8}), ("HNSW16", {}),
-                                          ("ivf_pq", {"nlist": 8, "nbits": 4}), ("PQ4x4", {})])
+@pytest.mark.parametrize(
+    "spec, kwargs",
+    [("Flat", {}), ("ivf_flat", {"nlist": 8}), ("HNSW16", {}), ("ivf_pq", {"nlist": 8, "nbits": 4}), ("PQ4x4", {})],
+)
 def test_save_load_round_trip(tmp_path, spec, kwargs):
     x = data(1200)
     index = create_index(spec, dim=16, metric="l2", **kwargs)
@@ -141,9 +147,14 @@ def test_memory_bytes_tracks_stored_vectors():
 def test_bad_input_raises_value_error():
     index = create_index("Flat", dim=4)
     x = np.ones((3, 4), np.float32)
-    for bad, message in [(np.full((3, 4), np.nan, np.float32), "NaN"), (np.full((3, 4), np.inf, np.float32), "inf"),
-                         (np.ones((3, 4), np.int64), "floating dtype"), (np.ones((0, 4), np.float32), "empty"),
-                         (np.ones((3, 5), np.float32), "dimension 5"), (np.ones(4, np.float32), "2-D")]:
+    for bad, message in [
+        (np.full((3, 4), np.nan, np.float32), "NaN"),
+        (np.full((3, 4), np.inf, np.float32), "inf"),
+        (np.ones((3, 4), np.int64), "floating dtype"),
+        (np.ones((0, 4), np.float32), "empty"),
+        (np.ones((3, 5), np.float32), "dimension 5"),
+        (np.ones(4, np.float32), "2-D"),
+    ]:
         with pytest.raises(ValueError, match=message):
             index.add(bad)
         with pytest.raises(ValueError, match=message):

@@ -1,5 +1,6 @@
 """ContextualLoss against a line-by-line loop re-implementation of the reference algorithm (Liao et al., ICML 2023),
 a hand-computed case, float64 gradcheck of the smooth terms and the straight-through step's documented backward."""
+
 import math
 
 import pytest
@@ -9,9 +10,8 @@ import torch.nn.functional as F
 from metrank.losses import LOSSES
 from metrank.losses.contextual import ContextualLoss, StraightThroughStep, knn_membership, margin_contrastive
 
-
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def loop_step(x: torch.Tensor, threshold: float, gain: float) -> torch.Tensor:
     """1[x >= threshold] forward, d/dx = gain backward (written as hard + gain * (x - stop_grad(x)))."""
@@ -19,8 +19,9 @@ def loop_step(x: torch.Tensor, threshold: float, gain: float) -> torch.Tensor:
     return hard + gain * (x - x.detach())
 
 
-def loop_contextual_loss(x, labels, k=4, eps=0.05, lam=0.4, gamma=0.1, s_reg=0.25, m_pos=0.75, m_neg=0.6,
-                         gain=10.0, n_query=None):
+def loop_contextual_loss(
+    x, labels, k=4, eps=0.05, lam=0.4, gamma=0.1, s_reg=0.25, m_pos=0.75, m_neg=0.6, gain=10.0, n_query=None
+):
     """The reference algorithm with explicit loops over scalar tensors (differentiable through ``x``).
 
     ``n_query``: keep only the block rows < n_query, columns >= n_query (the ref_emb form); None = whole batch.
@@ -45,8 +46,9 @@ def loop_contextual_loss(x, labels, k=4, eps=0.05, lam=0.4, gamma=0.1, s_reg=0.2
             inter_out = sum((1.0 - Nk[i][m]) * (1.0 - Nk[j][m]) for m in range(n)) / size_out[i]
             W[i][j] = 0.5 * (inter_in + inter_out) * Nk[i][j]
     R = [[Nh[i][j] * Nh[j][i] for j in range(n)] for i in range(n)]
-    J = [[sum(R[i][m] * W[m][j] for m in range(n)) / sum(R[i][m] for m in range(n)) for j in range(n)]
-         for i in range(n)]
+    J = [
+        [sum(R[i][m] * W[m][j] for m in range(n)) / sum(R[i][m] for m in range(n)) for j in range(n)] for i in range(n)
+    ]
     w = [[0.5 * (J[i][j] + J[j][i]) for j in range(n)] for i in range(n)]
     rows = range(n) if n_query is None else range(n_query)
     cols = range(n) if n_query is None else range(n_query, n)
@@ -107,8 +109,7 @@ def test_ref_emb_uses_union_and_query_reference_block():
     queries, refs = x[0::2], x[1::2]
     q_labels, r_labels = labels[0::2], labels[1::2]
     value = ContextualLoss(k=4)(queries, q_labels, ref_emb=refs, ref_labels=r_labels)
-    ref = loop_contextual_loss(torch.cat([queries, refs]), torch.cat([q_labels, r_labels]), k=4,
-                               n_query=len(queries))
+    ref = loop_contextual_loss(torch.cat([queries, refs]), torch.cat([q_labels, r_labels]), k=4, n_query=len(queries))
     assert value.item() == pytest.approx(ref.item(), rel=1e-10)
 
 
@@ -150,7 +151,7 @@ def test_gradcheck_contextual_term_given_similarity_weights():
     off = 1 - torch.eye(5, dtype=torch.float64)
 
     def l_ctx(w):
-        return ((same * (1 - w) ** 2 + (1 - same) * w ** 2) * off).sum() / 25
+        return ((same * (1 - w) ** 2 + (1 - same) * w**2) * off).sum() / 25
 
     assert torch.autograd.gradcheck(l_ctx, (w,))
 
@@ -167,8 +168,11 @@ def test_straight_through_step_backward_is_the_gain():
 
 
 def test_knn_membership_counts_and_gradient_sign():
-    d = torch.tensor([[0.0, 0.1, 0.5, 0.9], [0.1, 0.0, 0.2, 0.3], [0.5, 0.2, 0.0, 0.12],
-                      [0.9, 0.3, 0.12, 0.0]], dtype=torch.float64, requires_grad=True)
+    d = torch.tensor(
+        [[0.0, 0.1, 0.5, 0.9], [0.1, 0.0, 0.2, 0.3], [0.5, 0.2, 0.0, 0.12], [0.9, 0.3, 0.12, 0.0]],
+        dtype=torch.float64,
+        requires_grad=True,
+    )
     nk = knn_membership(d, k=2, eps=0.05, gain=10.0)
     # row 2: two nearest are 0.0, 0.12 -> threshold 0.17 keeps d <= 0.17 -> {2, 3}; row 1 keeps {0, 1} only
     assert nk.tolist() == [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]]

@@ -1,4 +1,5 @@
 """CPRD and logit distillation against loop / numpy references; the teachers (cache, cross-encoder, dual encoder)."""
+
 import itertools
 import math
 
@@ -11,9 +12,8 @@ from metrank.losses import LOSSES, CrossModalLoss, InfoNCELoss
 from metrank.losses.cprd import CPRDLoss, LogitDistillationLoss, ranking_chain, valid_prefix
 from metrank.teachers import CachedTeacher, CrossAttentionTeacher, TowerScoreTeacher
 
-
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 class TableTeacher:
     """A frozen teacher given as a score table: score(image row id, text row id) = table[image, text]."""
@@ -35,8 +35,9 @@ def paired_batch(n, dim, seed, dtype=torch.float64):
     return F.normalize(img, dim=1), F.normalize(txt, dim=1), table
 
 
-def loop_distillation(img, txt, ids, table, k, tau, kind="cprd", fn_threshold=None, min_gap=0.0,
-                      max_length=None, teacher_tau=1.0):
+def loop_distillation(
+    img, txt, ids, table, k, tau, kind="cprd", fn_threshold=None, min_gap=0.0, max_length=None, teacher_tau=1.0
+):
     """Per query and direction: K hardest negatives by student score, then the chain (CPRD) or the KL (logit KD)."""
     S = (img @ txt.T).detach().numpy()
     T = table.numpy()
@@ -77,21 +78,25 @@ def test_chain_hand_computed_k3():
     keep = valid_prefix(teacher.gather(1, order), torch.tensor([1.0], dtype=torch.float64))
     value = ranking_chain(student.gather(1, order), keep, temperature=0.5).item()
     a, b, c = 0.2 / 0.5, 0.4 / 0.5, 0.5 / 0.5  # student logits in teacher order
-    expected = -math.log(math.exp(a) / (math.exp(a) + math.exp(b) + math.exp(c))) \
-        - math.log(math.exp(b) / (math.exp(b) + math.exp(c)))
+    expected = -math.log(math.exp(a) / (math.exp(a) + math.exp(b) + math.exp(c))) - math.log(
+        math.exp(b) / (math.exp(b) + math.exp(c))
+    )
     assert value == pytest.approx(expected, rel=1e-12)
 
 
-@pytest.mark.parametrize("scores, pos, kw, expected", [
-    ([0.9, 0.7, 0.5, 0.2], 1.0, {}, [1, 1, 1, 1]),
-    ([0.9, 0.7, 0.5, 0.2], 0.8, {}, [0, 1, 1, 1]),                       # >= true pair: false negative
-    ([0.9, 0.7, 0.5, 0.2], 0.8, {"fn_threshold": 0.6}, [0, 0, 1, 1]),    # above the threshold
-    ([0.9, 0.85, 0.5, 0.2], 1.0, {"min_gap": 0.1}, [1, 0, 0, 0]),       # c1, c2 indistinguishable
-    ([0.9, 0.7, 0.65, 0.2], 1.0, {"min_gap": 0.1}, [1, 1, 0, 0]),
-    ([0.9, 0.85, 0.5, 0.45], 0.88, {"min_gap": 0.1}, [0, 1, 1, 0]),     # gap before the prefix is irrelevant
-    ([0.9, 0.7, 0.5, 0.2], 1.0, {"max_length": 2}, [1, 1, 0, 0]),
-    ([0.9, 0.7, 0.5, 0.2], 0.1, {}, [0, 0, 0, 0]),                       # all false negatives
-])
+@pytest.mark.parametrize(
+    "scores, pos, kw, expected",
+    [
+        ([0.9, 0.7, 0.5, 0.2], 1.0, {}, [1, 1, 1, 1]),
+        ([0.9, 0.7, 0.5, 0.2], 0.8, {}, [0, 1, 1, 1]),  # >= true pair: false negative
+        ([0.9, 0.7, 0.5, 0.2], 0.8, {"fn_threshold": 0.6}, [0, 0, 1, 1]),  # above the threshold
+        ([0.9, 0.85, 0.5, 0.2], 1.0, {"min_gap": 0.1}, [1, 0, 0, 0]),  # c1, c2 indistinguishable
+        ([0.9, 0.7, 0.65, 0.2], 1.0, {"min_gap": 0.1}, [1, 1, 0, 0]),
+        ([0.9, 0.85, 0.5, 0.45], 0.88, {"min_gap": 0.1}, [0, 1, 1, 0]),  # gap before the prefix is irrelevant
+        ([0.9, 0.7, 0.5, 0.2], 1.0, {"max_length": 2}, [1, 1, 0, 0]),
+        ([0.9, 0.7, 0.5, 0.2], 0.1, {}, [0, 0, 0, 0]),  # all false negatives
+    ],
+)
 def test_valid_prefix_rule(scores, pos, kw, expected):
     keep = valid_prefix(torch.tensor([scores]), torch.tensor([pos]), **kw)
     assert keep.int().tolist() == [expected]
@@ -197,7 +202,7 @@ def test_cross_attention_teacher_learns_matching_and_drives_cprd():
     opt = torch.optim.Adam(teacher.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(0)
     ids = torch.arange(n)
-    for step in range(60):
+    for _step in range(60):
         batch = torch.randperm(n, generator=gen)[:32]
         loss = teacher.itm_loss(image_tokens[batch], (text_tokens[batch], mask[batch]), ids[batch], generator=gen)
         opt.zero_grad()
@@ -216,8 +221,7 @@ def test_cross_attention_teacher_learns_matching_and_drives_cprd():
     student_img = F.normalize(torch.randn(16, 8), dim=1).requires_grad_(True)
     student_txt = F.normalize(torch.randn(16, 8), dim=1)
     cprd = CPRDLoss(teacher, k=4)
-    value = cprd(student_img, student_txt, ids[:16], images=image_tokens[:16],
-                 texts=(text_tokens[:16], mask[:16]))
+    value = cprd(student_img, student_txt, ids[:16], images=image_tokens[:16], texts=(text_tokens[:16], mask[:16]))
     value.backward()
     assert torch.isfinite(value) and student_img.grad.abs().sum() > 0
     assert all(p.grad is None for p in teacher.parameters())

@@ -1,4 +1,5 @@
 """VSE++ HardNegativeLoss and TAL: hand-computed cases, reference formulas, warm-up, gradcheck, invariances."""
+
 import math
 
 import numpy as np
@@ -6,8 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metrank.losses import (LOSSES, CrossModalLoss, HardNegativeLoss, NoValidTupleWarning, TripletAlignmentLoss,
-                            TripletMarginLoss, create_loss)
+from metrank.losses import (
+    LOSSES,
+    CrossModalLoss,
+    HardNegativeLoss,
+    NoValidTupleWarning,
+    TripletAlignmentLoss,
+    TripletMarginLoss,
+    create_loss,
+)
 from metrank.miners import create_miner
 
 # Images e0, e1, e2 and unit-norm texts chosen so S = I·Tᵀ = [[.6, .48, .64], [.64, .6, .48], [.48, .64, .6]].
@@ -105,13 +113,16 @@ def test_tal_equals_rde_reference_with_shared_ids():
         assert ours.item() == pytest.approx(rde_tal((s @ im.T).numpy(), ids.numpy(), tau, 0.1), rel=1e-10)
 
 
-@pytest.mark.parametrize("loss,ids", [
-    (HardNegativeLoss(), [0, 1, 1, 2, 3, 4]),
-    (HardNegativeLoss(max_violation=False), [0, 1, 1, 2, 3, 4]),
-    # TAL's positive weights α are detached by design, so the exact-derivative check needs one positive per query
-    # (α ≡ 1); the shared-id case is covered by the RDE reference test above.
-    (TripletAlignmentLoss(0.1), [0, 1, 2, 3, 4, 5]),
-])
+@pytest.mark.parametrize(
+    "loss,ids",
+    [
+        (HardNegativeLoss(), [0, 1, 1, 2, 3, 4]),
+        (HardNegativeLoss(max_violation=False), [0, 1, 1, 2, 3, 4]),
+        # TAL's positive weights α are detached by design, so the exact-derivative check needs one positive per query
+        # (α ≡ 1); the shared-id case is covered by the RDE reference test above.
+        (TripletAlignmentLoss(0.1), [0, 1, 2, 3, 4, 5]),
+    ],
+)
 def test_gradcheck_float64(loss, ids):
     im, s = unit(6, 4, 9).requires_grad_(), unit(6, 4, 10).requires_grad_()
     assert torch.autograd.gradcheck(lambda a, b: CrossModalLoss(loss)(a, b, torch.tensor(ids)), (im, s))
@@ -171,4 +182,5 @@ def test_vsepp_equals_cosine_triplet_on_cross_modal_hardest_triplets():
 
 def test_registry_names():
     assert {"triplet", "hard_negative", "tal", "quadruplet", "infonce", "mnr", "contextual", "cprd"} <= set(
-        LOSSES.names())
+        LOSSES.names()
+    )

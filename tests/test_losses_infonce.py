@@ -1,4 +1,5 @@
 """InfoNCE/CLIP and multiple negatives ranking vs hand-computed values, open_clip, PML NTXent, sentence-transformers."""
+
 import math
 import warnings
 
@@ -67,8 +68,9 @@ def test_duplicate_ids_are_not_false_negatives():
 
 def test_equals_pml_ntxent_at_fixed_temperature():
     x, labels = unit(32, 8, 7, torch.float32), torch.arange(32) % 10
-    assert InfoNCELoss(0.1, learnable=False)(x, labels).item() == pytest.approx(NTXentLoss(0.1)(x, labels).item(),
-                                                                                  rel=1e-5)
+    assert InfoNCELoss(0.1, learnable=False)(x, labels).item() == pytest.approx(
+        NTXentLoss(0.1)(x, labels).item(), rel=1e-5
+    )
     ref, ref_labels = unit(20, 8, 8, torch.float32), torch.arange(20) % 10
     want = NTXentLoss(0.1)(x, labels, ref_emb=ref, ref_labels=ref_labels)
     got = InfoNCELoss(0.1, learnable=False)(x, labels, ref_emb=ref, ref_labels=ref_labels)
@@ -81,17 +83,22 @@ def test_mnr_equals_sentence_transformers(with_hard_negatives):
     st = STMultipleNegatives(model=None, scale=20.0)  # compute_loss_from_embeddings never touches the model
     want = st.compute_loss_from_embeddings([query, doc, hard] if with_hard_negatives else [query, doc], None)
     ids = torch.arange(12)
-    got = MultipleNegativesRankingLoss()(query, ids, ref_emb=doc, ref_labels=ids,
-                                         hard_negatives=hard if with_hard_negatives else None)
+    got = MultipleNegativesRankingLoss()(
+        query, ids, ref_emb=doc, ref_labels=ids, hard_negatives=hard if with_hard_negatives else None
+    )
     assert got.item() == pytest.approx(want.item(), rel=1e-6)
 
 
 def test_mnr_hand_computed():
     # one query (1, 0), positive (.6, .8), hard negative (.8, .6): −log(e^12 / (e^12 + e^16)) = log(1 + e^4)
     q = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
-    got = MultipleNegativesRankingLoss()(q, torch.tensor([0]), ref_emb=torch.tensor([[0.6, 0.8]], dtype=torch.float64),
-                                         ref_labels=torch.tensor([0]),
-                                         hard_negatives=torch.tensor([[0.8, 0.6]], dtype=torch.float64))
+    got = MultipleNegativesRankingLoss()(
+        q,
+        torch.tensor([0]),
+        ref_emb=torch.tensor([[0.6, 0.8]], dtype=torch.float64),
+        ref_labels=torch.tensor([0]),
+        hard_negatives=torch.tensor([[0.8, 0.6]], dtype=torch.float64),
+    )
     assert got.item() == pytest.approx(math.log1p(math.exp(4)))
 
 
@@ -102,16 +109,18 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda a, b: infonce(a, b, ids), (image, text))
     hard = unit(3, 4, 14).requires_grad_()
     mnr = MultipleNegativesRankingLoss(scale=5.0)
-    assert torch.autograd.gradcheck(lambda a, b, h: mnr(a, ids, ref_emb=b, ref_labels=ids, hard_negatives=h),
-                                    (image, text, hard))
+    assert torch.autograd.gradcheck(
+        lambda a, b, h: mnr(a, ids, ref_emb=b, ref_labels=ids, hard_negatives=h), (image, text, hard)
+    )
 
 
 def test_permutation_invariance():
     image, text, ids = unit(20, 8, 15), unit(20, 8, 16), torch.arange(20) // 3
     perm = torch.randperm(20, generator=torch.Generator().manual_seed(17))
     for loss in (CrossModalLoss(InfoNCELoss()), CrossModalLoss(MultipleNegativesRankingLoss())):
-        assert loss(image[perm], text[perm], ids[perm]).item() == pytest.approx(loss(image, text, ids).item(),
-                                                                                rel=1e-10)
+        assert loss(image[perm], text[perm], ids[perm]).item() == pytest.approx(
+            loss(image, text, ids).item(), rel=1e-10
+        )
 
 
 def test_no_positive_pair_warns_zero():
@@ -130,7 +139,8 @@ def test_bad_input():
     with pytest.raises(ValueError, match="length 4 but there are 5"):
         InfoNCELoss()(x, torch.arange(4))
     with pytest.raises(ValueError, match="dimension 3 but 4"):
-        MultipleNegativesRankingLoss()(x, torch.arange(5), ref_emb=x, ref_labels=torch.arange(5),
-                                       hard_negatives=unit(2, 3, 20))
+        MultipleNegativesRankingLoss()(
+            x, torch.arange(5), ref_emb=x, ref_labels=torch.arange(5), hard_negatives=unit(2, 3, 20)
+        )
     with pytest.raises(ValueError, match="NaN"):
         CrossModalLoss(InfoNCELoss())(x, torch.full_like(x, float("nan")), torch.arange(5))

@@ -1,4 +1,5 @@
 """QuadrupletLoss and CDMLMR CrossModalQuadrupletLoss vs hand-computed and brute-force references."""
+
 import itertools
 
 import numpy as np
@@ -10,7 +11,9 @@ from metrank.losses import CrossModalQuadrupletLoss, NoValidTupleWarning, Quadru
 
 # Six unit vectors, classes 0,0,1,1,2,2. Squared distances 2 − 2S:
 # 01 .8, 02 2, 03 2, 04 2, 05 2, 12 .4, 13 1.04, 14 2, 15 .72, 23 .8, 24 2, 25 .4, 34 .4, 35 .08, 45 .8
-HAND_X = torch.tensor([[1, 0, 0], [.6, .8, 0], [0, 1, 0], [0, .6, .8], [0, 0, 1], [0, .8, .6]], dtype=torch.float64)
+HAND_X = torch.tensor(
+    [[1, 0, 0], [0.6, 0.8, 0], [0, 1, 0], [0, 0.6, 0.8], [0, 0, 1], [0, 0.8, 0.6]], dtype=torch.float64
+)
 HAND_Y = torch.tensor([0, 0, 1, 1, 2, 2])
 
 
@@ -26,13 +29,19 @@ def brute_force_quadruplet(x, labels, ref, ref_labels, self_ref, margins=(1.0, 0
     pos = [[j for j in range(n_r) if labels[a] == ref_labels[j] and not (self_ref and a == j)] for a in range(n_a)]
     neg = [[j for j in range(n_r) if labels[a] != ref_labels[j]] for a in range(n_a)]
     if adaptive_weights:
-        gap = max(np.mean([d2[a, j] for a in range(n_a) for j in neg[a]])
-                  - np.mean([d2[a, j] for a in range(n_a) for j in pos[a]]), 0)
+        gap = max(
+            np.mean([d2[a, j] for a in range(n_a) for j in neg[a]])
+            - np.mean([d2[a, j] for a in range(n_a) for j in pos[a]]),
+            0,
+        )
         margins = (adaptive_weights[0] * gap, adaptive_weights[1] * gap)
     losses = []
     for a in range(n_a):
-        free = [d2[l, k] for l, k in itertools.product(range(n_a), range(n_r))
-                if labels[l] != ref_labels[k] and labels[a] not in (labels[l], ref_labels[k])]
+        free = [
+            d2[l, k]
+            for l, k in itertools.product(range(n_a), range(n_r))
+            if labels[l] != ref_labels[k] and labels[a] not in (labels[l], ref_labels[k])
+        ]
         if not pos[a] or not neg[a] or not free:
             continue
         g_ap, g_an = max(d2[a, pos[a]]), min(d2[a, neg[a]])
@@ -52,8 +61,9 @@ def test_hand_computed():
 def test_matches_brute_force(adaptive):
     x, labels = unit(14, 5, 1), torch.arange(14) % 4
     loss = QuadrupletLoss(adaptive=adaptive)
-    want = brute_force_quadruplet(x.numpy(), labels.tolist(), x.numpy(), labels.tolist(), True,
-                                  adaptive_weights=(1.0, 0.5) if adaptive else None)
+    want = brute_force_quadruplet(
+        x.numpy(), labels.tolist(), x.numpy(), labels.tolist(), True, adaptive_weights=(1.0, 0.5) if adaptive else None
+    )
     assert loss(x, labels).item() == pytest.approx(want, rel=1e-10)
 
 
@@ -83,8 +93,10 @@ def test_cdmlmr_matches_reference():
     labels = torch.tensor([0, 1, 2, 0, -1, 1, 2, -1, -1, 0])
     keep = (labels >= 0).numpy()
     lab = labels.numpy()
-    quad = 0.5 * (brute_force_quadruplet(image.numpy()[keep], lab[keep], text.numpy()[keep], lab[keep], False)
-                  + brute_force_quadruplet(text.numpy()[keep], lab[keep], image.numpy()[keep], lab[keep], False))
+    quad = 0.5 * (
+        brute_force_quadruplet(image.numpy()[keep], lab[keep], text.numpy()[keep], lab[keep], False)
+        + brute_force_quadruplet(text.numpy()[keep], lab[keep], image.numpy()[keep], lab[keep], False)
+    )
     sscon = brute_force_sscon(image.numpy(), text.numpy(), lab, 1.0)
     got = CrossModalQuadrupletLoss(lam=0.7)(image, text, labels)
     assert got.item() == pytest.approx(quad + 0.7 * sscon, rel=1e-10)
@@ -118,8 +130,9 @@ def test_permutation_invariance():
         assert loss(x[perm], labels[perm]).item() == pytest.approx(loss(x, labels).item(), rel=1e-10)
     image, text, lab = unit(12, 4, 13), unit(12, 4, 14), torch.tensor([0, 1, 2, -1] * 3)
     cdmlmr, perm = CrossModalQuadrupletLoss(), torch.randperm(12, generator=torch.Generator().manual_seed(15))
-    assert cdmlmr(image[perm], text[perm], lab[perm]).item() == pytest.approx(cdmlmr(image, text, lab).item(),
-                                                                              rel=1e-10)
+    assert cdmlmr(image[perm], text[perm], lab[perm]).item() == pytest.approx(
+        cdmlmr(image, text, lab).item(), rel=1e-10
+    )
 
 
 def test_zero_when_margins_met():

@@ -1,12 +1,13 @@
 """TripletMarginLoss: hand-computed case, PML parity, gradcheck, permutation invariance, zero and bad input."""
+
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 from pytorch_metric_learning import losses as pml_losses
-from pytorch_metric_learning.distances import CosineSimilarity, LpDistance
 from pytorch_metric_learning import miners as pml_miners
+from pytorch_metric_learning.distances import CosineSimilarity, LpDistance
 
 from metrank.losses import NoValidTupleWarning, TripletMarginLoss, create_loss
 
@@ -35,8 +36,16 @@ def test_hand_computed_cosine():
 def test_hand_computed_euclidean():
     # d = sqrt(2 − 2S): d01 = sqrt(0.8), d02 = sqrt(0.4), d03 = sqrt(2), d12 = sqrt(0.08), d13 = sqrt(0.4), d23 = sqrt(0.8)
     s = math.sqrt
-    hinges = [s(.8) - s(.4), s(.8) - s(2), s(.8) - s(.08), s(.8) - s(.4),
-              s(.8) - s(.4), s(.8) - s(.08), s(.8) - s(2), s(.8) - s(.4)]
+    hinges = [
+        s(0.8) - s(0.4),
+        s(0.8) - s(2),
+        s(0.8) - s(0.08),
+        s(0.8) - s(0.4),
+        s(0.8) - s(0.4),
+        s(0.8) - s(0.08),
+        s(0.8) - s(2),
+        s(0.8) - s(0.4),
+    ]
     active = [h + 0.2 for h in hinges if h + 0.2 > 0]
     assert TripletMarginLoss(0.2)(HAND_X, HAND_Y).item() == pytest.approx(sum(active) / len(active))
 
@@ -56,7 +65,8 @@ def test_equals_pml_batch_hard_and_no_miner():
     x, labels = unit(64, 16, 3, torch.float32), torch.randint(0, 10, (64,), generator=torch.Generator().manual_seed(4))
     pml = pml_losses.TripletMarginLoss(margin=0.2)
     assert TripletMarginLoss(0.2, miner="batch_hard")(x, labels).item() == pytest.approx(
-        pml(x, labels, pml_miners.BatchHardMiner()(x, labels)).item(), rel=1e-6)
+        pml(x, labels, pml_miners.BatchHardMiner()(x, labels)).item(), rel=1e-6
+    )
     assert TripletMarginLoss(0.2)(x, labels).item() == pytest.approx(pml(x, labels).item(), rel=1e-6)
 
 

@@ -1,4 +1,5 @@
 """Metrics against a brute-force numpy reference (ties included), hand-computed cases and pytorch-metric-learning."""
+
 import faiss
 import numpy as np
 import pytest
@@ -6,8 +7,7 @@ import torch
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 from pytorch_metric_learning.utils.inference import FaissKNN
 
-from metrank.metrics import coco_1k_folds, first_relevant_rank, format_table, image_text_metrics, knn, \
-    retrieval_metrics
+from metrank.metrics import coco_1k_folds, first_relevant_rank, format_table, image_text_metrics, knn, retrieval_metrics
 
 
 # ---- brute-force reference: full score matrix, np.lexsort ranking (score, then lower index) -------------------------
@@ -34,7 +34,7 @@ def reference_retrieval(query, labels, gallery=None, gallery_labels=None, ks=(1,
             continue
         row = {f"R@{k}": float(rel[:k].any()) for k in ks}
         row.update({f"P@{k}": rel[:k].sum() / k for k in ks})
-        row["MAP@R"] = sum(rel[:i + 1].sum() / (i + 1) for i in range(r) if rel[i]) / r
+        row["MAP@R"] = sum(rel[: i + 1].sum() / (i + 1) for i in range(r) if rel[i]) / r
         row["R-precision"] = rel[:r].sum() / r
         per_query.append(row)
     out = {key: float(np.mean([row[key] for row in per_query])) for key in per_query[0]}
@@ -103,8 +103,18 @@ def test_retrieval_hand_computed_ties_break_to_lower_index():
     query = np.array([[1, 0], [0, 1]], np.float32)
     gallery = np.array([[0, 1], [1, 0], [1, 5], [1, -3]], np.float32)
     out = retrieval_metrics(query, np.array([1, 0]), gallery, np.array([1, 0, 0, 1]), ks=(1, 2, 4))
-    expected = {"R@1": 0.5, "R@2": 0.5, "R@4": 1.0, "P@1": 0.5, "P@2": 0.25, "P@4": 0.5,
-                "MAP@R": 0.25, "R-precision": 0.25, "n_queries": 2, "n_queries_no_relevant": 0}
+    expected = {
+        "R@1": 0.5,
+        "R@2": 0.5,
+        "R@4": 1.0,
+        "P@1": 0.5,
+        "P@2": 0.25,
+        "P@4": 0.5,
+        "MAP@R": 0.25,
+        "R-precision": 0.25,
+        "n_queries": 2,
+        "n_queries_no_relevant": 0,
+    }
     assert out == pytest.approx(expected)
 
 
@@ -115,8 +125,18 @@ def test_retrieval_hand_computed_leave_one_out_l2_with_lone_class():
     x = np.array([[0], [1], [3], [7], [100]], np.float32)
     with pytest.warns(UserWarning, match="1 of 5 queries"):
         out = retrieval_metrics(x, np.array([0, 1, 0, 1, 2]), ks=(1, 2, 3), metric="l2")
-    expected = {"R@1": 0.0, "R@2": 0.75, "R@3": 1.0, "P@1": 0.0, "P@2": 0.375, "P@3": 1 / 3,
-                "MAP@R": 0.0, "R-precision": 0.0, "n_queries": 4, "n_queries_no_relevant": 1}
+    expected = {
+        "R@1": 0.0,
+        "R@2": 0.75,
+        "R@3": 1.0,
+        "P@1": 0.0,
+        "P@2": 0.375,
+        "P@3": 1 / 3,
+        "MAP@R": 0.0,
+        "R-precision": 0.0,
+        "n_queries": 4,
+        "n_queries_no_relevant": 1,
+    }
     assert out == pytest.approx(expected)
 
 
@@ -160,8 +180,11 @@ def test_parity_with_pytorch_metric_learning(separate_gallery):
     x = rng.standard_normal((700, 16)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     labels = rng.integers(0, 120, 700)
-    calculator = AccuracyCalculator(include=("precision_at_1", "mean_average_precision_at_r", "r_precision"),
-                                    k="max_bin_count", knn_func=FaissKNN(index_init_fn=faiss.IndexFlatIP))
+    calculator = AccuracyCalculator(
+        include=("precision_at_1", "mean_average_precision_at_r", "r_precision"),
+        k="max_bin_count",
+        knn_func=FaissKNN(index_init_fn=faiss.IndexFlatIP),
+    )
     split = 300 if separate_gallery else None
     pml = calculator.get_accuracy(x[:split], labels[:split], *((x[split:], labels[split:]) if split else ()))
     with pytest.warns(UserWarning, match="no relevant gallery item"):  # lone queries: excluded, as in PML
@@ -202,9 +225,19 @@ def test_image_text_hand_computed():
     images = np.array([[1, 0], [0, 1]], np.float32)
     texts = np.array([[0, 1], [1, 0], [1, 1]], np.float32)
     out = image_text_metrics(images, texts, np.array([0, 0, 1]))
-    expected = {"i2t_R@1": 50.0, "i2t_R@5": 100.0, "i2t_R@10": 100.0, "i2t_medr": 1.0, "i2t_meanr": 1.5,
-                "t2i_R@1": 100 / 3, "t2i_R@5": 100.0, "t2i_R@10": 100.0, "t2i_medr": 2.0, "t2i_meanr": 5 / 3,
-                "rsum": 50 + 200 + 100 / 3 + 200}
+    expected = {
+        "i2t_R@1": 50.0,
+        "i2t_R@5": 100.0,
+        "i2t_R@10": 100.0,
+        "i2t_medr": 1.0,
+        "i2t_meanr": 1.5,
+        "t2i_R@1": 100 / 3,
+        "t2i_R@5": 100.0,
+        "t2i_R@10": 100.0,
+        "t2i_medr": 2.0,
+        "t2i_meanr": 5 / 3,
+        "rsum": 50 + 200 + 100 / 3 + 200,
+    }
     for key, value in expected.items():
         assert out[key] == pytest.approx(value), key
 
@@ -212,8 +245,10 @@ def test_image_text_hand_computed():
 def image_text_reference(images, texts, ids, ks=(1, 5, 10), image_labels=None):
     image_labels = np.arange(len(images)) if image_labels is None else image_labels
     out = {}
-    for prefix, ranks in (("i2t", reference_first_rank(images, image_labels, texts, image_labels[ids])),
-                          ("t2i", reference_first_rank(texts, image_labels[ids], images, image_labels))):
+    for prefix, ranks in (
+        ("i2t", reference_first_rank(images, image_labels, texts, image_labels[ids])),
+        ("t2i", reference_first_rank(texts, image_labels[ids], images, image_labels)),
+    ):
         out.update({f"{prefix}_R@{k}": 100 * np.mean(ranks < k) for k in ks})
         out[f"{prefix}_medr"] = np.floor(np.median(ranks)) + 1
         out[f"{prefix}_meanr"] = ranks.mean() + 1
@@ -241,8 +276,10 @@ def test_coco_1k_folds_average_the_folds():
     ids = np.repeat(np.arange(100), 5)
     texts = images[ids] + quantised(rng, 500, 4, levels=1)
     out = coco_1k_folds(images, texts, ids, n_folds=5, fold_size=20)
-    folds = [image_text_reference(images[f * 20:(f + 1) * 20], texts[f * 100:(f + 1) * 100], ids[:100] % 20)
-             for f in range(5)]
+    folds = [
+        image_text_reference(images[f * 20 : (f + 1) * 20], texts[f * 100 : (f + 1) * 100], ids[:100] % 20)
+        for f in range(5)
+    ]
     for key in folds[0]:
         assert out[key] == pytest.approx(np.mean([fold[key] for fold in folds]), abs=1e-9), key
     with pytest.raises(ValueError, match="need 1000 images"):

@@ -1,4 +1,5 @@
 """Miners vs brute-force references and pytorch-metric-learning; memory at B = 1024; bad input."""
+
 import itertools
 
 import numpy as np
@@ -141,9 +142,11 @@ def test_no_positive_pair_mines_nothing():
 
 def _peak_rss_bytes(fn):
     """Peak resident memory added while ``fn`` runs (Linux: reset VmHWM via clear_refs, then read it)."""
+
     def read(field):
         with open("/proc/self/status") as f:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
+
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     base = read("VmRSS:")

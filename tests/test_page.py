@@ -1,4 +1,5 @@
 """The search page in headless Chromium: it runs ``?q=...`` on load and shows Retriever.search's top results."""
+
 import html.parser
 import subprocess
 
@@ -41,9 +42,24 @@ class _Hits(html.parser.HTMLParser):
 
 def _dump_dom(url, profile):
     result = subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
-         "--virtual-time-budget=10000", "--dump-dom", url], capture_output=True, text=True, timeout=120)
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            f"--user-data-dir={profile}",
+            "--virtual-time-budget=10000",
+            "--dump-dom",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     parser = _Hits()
     parser.feed(result.stdout)
@@ -58,8 +74,9 @@ def served_emoji():
     data = create_dataset("emoji", split="test")
     google = [i for i, v in enumerate(data.image_views) if v == "google"][:24]
     retriever = Retriever.create(model=create_model("lite0-minilm", image_size=128))
-    retriever.add(images=[data.images[i] for i in google], metadata=[{"name": data.captions[i]} for i in google],
-                  progress=False)
+    retriever.add(
+        images=[data.images[i] for i in google], metadata=[{"name": data.captions[i]} for i in google], progress=False
+    )
     retriever.add(texts=["a cat", "a smiling face"], progress=False)
     with BackgroundServer(create_app(retriever)) as url:
         yield url, retriever

@@ -1,4 +1,5 @@
 """Batch samplers: epoch coverage, determinism, rank disjointness, replacement rules, id uniqueness, hard batches."""
+
 from collections import Counter
 
 import numpy as np
@@ -6,8 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from metrank.samplers import (SAMPLERS, HardBatchSampler, PKBatchSampler, UniqueIdBatchSampler,
-                              create_sampler)
+from metrank.samplers import SAMPLERS, HardBatchSampler, PKBatchSampler, UniqueIdBatchSampler, create_sampler
 
 
 def flat(batches):
@@ -24,7 +24,7 @@ def test_pk_epoch_sees_every_sample_once_in_p_by_k_batches():
         assert sorted(Counter(labels[b]).values()) == [4, 4, 4, 4]
     # balanced data: each pass of 12 / 4 = 3 batches visits every class exactly once
     for start in range(0, len(batches), 3):
-        classes = [c for b in batches[start:start + 3] for c in set(labels[b])]
+        classes = [c for b in batches[start : start + 3] for c in set(labels[b])]
         assert sorted(classes) == list(range(12))
 
 
@@ -49,8 +49,7 @@ def test_pk_ranks_are_disjoint_and_cover_the_global_epoch():
     assert len(r0) == len(r1) == len(full) // 2 == 2
     assert not set(flat(r0)) & set(flat(r1))
     assert sorted(map(tuple, r0 + r1)) == sorted(map(tuple, full[:4]))  # odd batch dropped for equal lengths
-    padded = [list(PKBatchSampler(labels, p=4, k=4, seed=3, rank=r, world_size=2, drop_last=False))
-              for r in (0, 1)]
+    padded = [list(PKBatchSampler(labels, p=4, k=4, seed=3, rank=r, world_size=2, drop_last=False)) for r in (0, 1)]
     assert len(padded[0]) == len(padded[1]) == 3
 
 
@@ -146,8 +145,9 @@ def test_hard_batches_group_nearest_classes_and_follow_updates():
     g = torch.Generator().manual_seed(1)
     group_centers = torch.randn(6, 16, generator=g) * 5
     new_group = dict(enumerate(np.random.default_rng(0).permutation(np.repeat(np.arange(6), 4)).tolist()))
-    emb2 = torch.stack([group_centers[new_group[int(c)]] for c in labels]) + 0.1 * torch.randn(len(labels), 16,
-                                                                                              generator=g)
+    emb2 = torch.stack([group_centers[new_group[int(c)]] for c in labels]) + 0.1 * torch.randn(
+        len(labels), 16, generator=g
+    )
     sampler.update(emb2)
     for b in sampler:
         assert len({new_group[int(c)] for c in labels[b]}) == 1

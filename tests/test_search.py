@@ -1,5 +1,6 @@
 """Retriever: search / filters / removal / hubness against brute-force numpy, persistence and crash safety, and
 image search with the real lite0-minilm model on emoji images."""
+
 import os
 import signal
 import subprocess
@@ -62,9 +63,13 @@ def test_search_and_filters_match_brute_force(filled):
     c = np.array([m["c"] for m in meta])
     s = np.array([m["s"] for m in meta])
     rare = np.array([m["rare"] for m in meta])
-    cases = [(None, None), ({"c": 3}, c == 3), ({"c": [1, 2], "s": "a"}, np.isin(c, [1, 2]) & (s == "a")),
-             ({"rare": True}, rare),  # 12 items: answered by exact scoring of the matches
-             ({"rare": True, "c": 0}, rare & (c == 0))]
+    cases = [
+        (None, None),
+        ({"c": 3}, c == 3),
+        ({"c": [1, 2], "s": "a"}, np.isin(c, [1, 2]) & (s == "a")),
+        ({"rare": True}, rare),  # 12 items: answered by exact scoring of the matches
+        ({"rare": True, "c": 0}, rare & (c == 0)),
+    ]
     for filter, keep in cases:
         got = retriever.search_vectors(queries, k=10, filter=filter)
         _check_equal(got, _brute(queries, ids, vectors, 10, keep))
@@ -99,8 +104,9 @@ def test_modalities_remove_and_ids(filled):
     _check_equal(retriever.search_vectors(queries, k=10), _brute(queries, all_ids, all_vectors, 10, alive))
     meta = _metadata(3000) + _metadata(50)
     c3 = np.array([m["c"] == 3 for m in meta])
-    _check_equal(retriever.search_vectors(queries, k=10, filter={"c": 3}),
-                 _brute(queries, all_ids, all_vectors, 10, alive & c3))
+    _check_equal(
+        retriever.search_vectors(queries, k=10, filter={"c": 3}), _brute(queries, all_ids, all_vectors, 10, alive & c3)
+    )
     # new ids never reuse removed ones
     assert retriever.add(vectors=extra[:2], progress=False).tolist() == [3050, 3051]
     item = retriever.get(5 if 5 not in removed else int(all_ids[alive][0]))
@@ -261,8 +267,9 @@ def test_killed_add_keeps_last_saved_state(tmp_path):
     retriever.add(vectors=base, metadata=_metadata(200), progress=False)
     retriever.save(str(tmp_path))
     for seed, lines_before_kill in ((0, 3), (1, 6)):
-        child = subprocess.Popen([sys.executable, "-c", _CHILD, str(tmp_path), str(seed)], stdout=subprocess.PIPE,
-                                 text=True)
+        child = subprocess.Popen(
+            [sys.executable, "-c", _CHILD, str(tmp_path), str(seed)], stdout=subprocess.PIPE, text=True
+        )
         saved = None
         for _ in range(lines_before_kill):
             line = child.stdout.readline().split()
@@ -292,8 +299,11 @@ def test_image_and_text_search_with_lite0_minilm(tmp_path):
     google = [i for i, v in enumerate(data.image_views) if v == "google"][:12]
     twitter = [i for i, v in enumerate(data.image_views) if v == "twitter"][:12]
     retriever = Retriever.create(model=create_model("lite0-minilm", image_size=128))  # 64 px emoji: 128 px input
-    image_ids = retriever.add(images=[data.images[i] for i in google], progress=False,
-                              metadata=[{"name": data.captions[i], "label": int(data.image_labels[i])} for i in google])
+    image_ids = retriever.add(
+        images=[data.images[i] for i in google],
+        progress=False,
+        metadata=[{"name": data.captions[i], "label": int(data.image_labels[i])} for i in google],
+    )
     text_ids = retriever.add(texts=[data.captions[i] for i in google], progress=False)
     model = retriever.model  # the reference embeddings below come straight from the model, in two batched calls
     both = model.embed_images([data.images[i] for i in google + twitter], progress=False)
@@ -305,8 +315,10 @@ def test_image_and_text_search_with_lite0_minilm(tmp_path):
     # text -> image and image -> text against brute force with the model's own embeddings
     by_text = retriever.search(text="smiling face", k=5, modality="image")
     _check_equal([by_text], _brute(text_query, image_ids, gallery, 5))
-    _check_equal([retriever.search(image=data.images[google[0]], k=5, modality="text")],
-                 _brute(gallery[:1], text_ids, captions, 5))
+    _check_equal(
+        [retriever.search(image=data.images[google[0]], k=5, modality="text")],
+        _brute(gallery[:1], text_ids, captions, 5),
+    )
     # image -> same image: top-1 is itself; cross-vendor instance retrieval with frozen towers finds the same emoji
     # far above chance (1/12)
     assert [row[0].id for row in retriever.search_vectors(gallery, k=1, modality="image")] == image_ids.tolist()
@@ -315,6 +327,7 @@ def test_image_and_text_search_with_lite0_minilm(tmp_path):
     retriever.save(str(tmp_path))
     loaded = Retriever.load(str(tmp_path))  # rebuilds the very same model from the saved checkpoint
     assert [h.id for h in loaded.search(text="smiling face", k=5, modality="image")] == [h.id for h in by_text]
+
 
 # ------------------------------------------------------------------------------------------------ command line
 def test_cli_index_and_search(tmp_path, capsys):
@@ -336,12 +349,42 @@ def test_cli_index_and_search(tmp_path, capsys):
     with open(tmp_path / "emb.jsonl", "w") as f:
         for i in range(300):
             f.write(json.dumps({"id": i, "text": f"caption {i}", "metadata": {"c": i % 4}}) + "\n")
-    assert run("index", tmp_path / "idx", "--vectors", tmp_path / "emb.npy", "--items", tmp_path / "emb.jsonl",
-               "--hubness", "nnn", "--bank", tmp_path / "emb.npy", "--hubness-param", "alpha=0.5") == 0
+    assert (
+        run(
+            "index",
+            tmp_path / "idx",
+            "--vectors",
+            tmp_path / "emb.npy",
+            "--items",
+            tmp_path / "emb.jsonl",
+            "--hubness",
+            "nnn",
+            "--bank",
+            tmp_path / "emb.npy",
+            "--hubness-param",
+            "alpha=0.5",
+        )
+        == 0
+    )
     np.save(tmp_path / "q.npy", vectors[7])
     capsys.readouterr()
-    assert run("search", tmp_path / "idx", "--vector", tmp_path / "q.npy", "-k", "4", "--filter", "c=3",
-               "--filter", "c=1", "--no-hubness", "--json") == 0
+    assert (
+        run(
+            "search",
+            tmp_path / "idx",
+            "--vector",
+            tmp_path / "q.npy",
+            "-k",
+            "4",
+            "--filter",
+            "c=3",
+            "--filter",
+            "c=1",
+            "--no-hubness",
+            "--json",
+        )
+        == 0
+    )
     hits = json.loads(capsys.readouterr().out)
     keep = np.isin(np.arange(300) % 4, [1, 3])
     ref_ids, ref_scores = _brute(vectors[7:8], np.arange(300), vectors, 4, keep)[0]

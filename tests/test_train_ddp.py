@@ -1,4 +1,5 @@
 """Two-process ``torchrun`` training (gloo on CPU): global negatives, rank-disjoint batches, rank 0 writes."""
+
 from __future__ import annotations
 
 import json
@@ -18,10 +19,23 @@ REPO = Path(__file__).resolve().parents[1]
 def test_torchrun_two_processes_trains_and_writes_one_checkpoint(tmp_path, free_port):
     out = tmp_path / "ddp"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port), str(REPO / "train" / "train_image_text.py"),
-           str(REPO / "train" / "configs" / "tiny_emoji_image_text.yaml"), f"output.dir={out}",
-           f"output.cache_dir={tmp_path / 'cache'}", "train.batch_size=8", "train.epochs=3"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port),
+        str(REPO / "train" / "train_image_text.py"),
+        str(REPO / "train" / "configs" / "tiny_emoji_image_text.yaml"),
+        f"output.dir={out}",
+        f"output.cache_dir={tmp_path / 'cache'}",
+        "train.batch_size=8",
+        "train.epochs=3",
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("held-out metrics after the last epoch") == 1  # only rank 0 reports

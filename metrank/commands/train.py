@@ -1,20 +1,71 @@
-"""``metrank train CONFIG [key.sub=value ...] [--resume]``: train from a YAML config (task image_text or metric)."""
+"""``metrank train CONFIG [key.sub=value ...] [--resume]``: train from a YAML config (task image_text or metric).
+
+The ``train/*.py`` scripts are this command with ``--task`` fixed; ``torchrun`` launches either form.
+"""
+
 from __future__ import annotations
 
 import argparse
 
+from metrank import distributed
+from metrank.errors import ConfigError
+from metrank.metrics import format_table
+from metrank.training.config import load_config
+from metrank.training.trainer import TrainResult, train
+
+SUMMARY_KEYS = {
+    "image_text": ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum"),
+    "metric": ("R@1", "R@2", "R@4", "R@8", "MAP@R", "R-precision"),
+}
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from metrank.training.run import add_arguments
-
-    parser = subparsers.add_parser("train", help="train retrieval heads from a YAML config",
-                                   description="Train retrieval heads on cached frozen-backbone features from a YAML "
-                                               "config (train/configs/*.yaml); dispatches on the config's task.")
-    add_arguments(parser)
+    parser = subparsers.add_parser(
+        "train",
+        help="train a retrieval model from a YAML config",
+        description="Train a retrieval model from a YAML config (train/configs/*.yaml); dispatches on the "
+        "config's task.",
+    )
+    parser.add_argument("config", help="YAML training config (see train/configs/)")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="config overrides such as train.epochs=5 optim.lr=3e-4 loss.name=triplet",
+    )
+    parser.add_argument("--resume", action="store_true", help="continue exactly from <output.dir>/checkpoints/last.pt")
+    parser.add_argument("--resume-from", metavar="STATE", help="continue exactly from this training state file")
+    parser.add_argument("--task", choices=sorted(SUMMARY_KEYS), help="refuse a config of another task")
     parser.set_defaults(func=_run)
 
 
-def _run(args: argparse.Namespace) -> int:
-    from metrank.training.run import resume_arg, run
+def summary(result: TrainResult, task: str) -> str:
+    """Final held-out metrics, best epoch and where the model was written."""
+    keys = [k for k in SUMMARY_KEYS[task] if k in result.metrics] or list(result.metrics)
+    lines = [
+        f"held-out metrics after the last epoch ({'percent' if task == 'image_text' else 'fraction'}):",
+        format_table({k: result.metrics[k] for k in keys}),
+        f"best {result.best['metric']} = {result.best['value']} at epoch {result.best['epoch']}",
+        f"wall time {result.wall_time_s:.1f} s; outputs in {result.out_dir}/ "
+        "(model_best.pt, model_final.pt, metrics.jsonl/csv, curves.png, checkpoints/last.pt)",
+    ]
+    return "\n".join(lines)
 
-    return run(args.config, args.overrides, resume_arg(args))
+
+def _run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    if args.task is not None and cfg.task != args.task:
+        raise ConfigError(
+            f"{args.config} is a task={cfg.task!r} config but this script trains task={args.task!r}; "
+            "use `metrank train` (dispatches on the task) or the matching script"
+        )
+    result = train(cfg, resume=args.resume_from or args.resume)
+    if distributed.rank() == 0:
+        if result.completed:
+            print(summary(result, cfg.task))
+        else:
+            print(
+                f"stopped after train.max_steps={cfg.train.max_steps} steps; training state saved in "
+                f"{result.out_dir}/checkpoints/last.pt (continue with --resume)"
+            )
+    return 0

@@ -10,11 +10,13 @@ Unreadable images. ``on_error="raise"`` (default): ``__getitem__`` raises ``Imag
 label (or the next readable item at all), so a training run never dies mid-epoch. ``scan()`` checks every image
 up front and returns ``[(path, reason)]``; ``scan(remove=True)`` also drops them from the dataset.
 """
+
 from __future__ import annotations
 
 import os
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -22,6 +24,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from metrank.data.images import ImageLoadError, open_rgb
+from metrank.errors import InputError, MissingFileError
 
 ON_ERROR = ("raise", "skip")
 Loader = Callable[[Any], Image.Image]
@@ -29,11 +32,11 @@ Loader = Callable[[Any], Image.Image]
 
 def check_on_error(on_error: str) -> str:
     if on_error not in ON_ERROR:
-        raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+        raise InputError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
     return on_error
 
 
-def remap_labels(raw: Sequence[Any]) -> Tuple[np.ndarray, List[Any]]:
+def remap_labels(raw: Sequence[Any]) -> tuple[np.ndarray, list[Any]]:
     """Contiguous ``int64`` labels ``0..C-1`` (in sorted order of the raw labels) and the raw label of each."""
     classes = sorted(set(raw))
     index = {c: i for i, c in enumerate(classes)}
@@ -52,13 +55,19 @@ class ImageLabelDataset(Dataset):
         views: optional view/domain of each item (e.g. the emoji vendor, In-Shop query/gallery).
     """
 
-    def __init__(self, items: Sequence[Tuple[Any, int]], transform: Optional[Callable] = None,
-                 loader: Optional[Loader] = None, on_error: str = "raise",
-                 class_names: Optional[Sequence[str]] = None, name: str = "images",
-                 views: Optional[Sequence[str]] = None) -> None:
+    def __init__(
+        self,
+        items: Sequence[tuple[Any, int]],
+        transform: Callable | None = None,
+        loader: Loader | None = None,
+        on_error: str = "raise",
+        class_names: Sequence[str] | None = None,
+        name: str = "images",
+        views: Sequence[str] | None = None,
+    ) -> None:
         self.items = [(key, int(label)) for key, label in items]
         if views is not None and len(views) != len(self.items):
-            raise ValueError(f"{len(views)} views for {len(self.items)} items")
+            raise InputError(f"{len(views)} views for {len(self.items)} items")
         self.views = np.asarray(views, dtype=object) if views is not None else None
         self.labels = np.asarray([label for _, label in self.items], dtype=np.int64)
         self.transform = transform
@@ -66,17 +75,19 @@ class ImageLabelDataset(Dataset):
         self.on_error = check_on_error(on_error)
         self.class_names = list(class_names) if class_names is not None else None
         self.name = name
-        self.bad_paths: Dict[str, str] = {}
+        self.bad_paths: dict[str, str] = {}
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}({self.name!r}, {len(self)} images, "
-                f"{len(np.unique(self.labels))} classes, on_error={self.on_error!r})")
+        return (
+            f"{type(self).__name__}({self.name!r}, {len(self)} images, "
+            f"{len(np.unique(self.labels))} classes, on_error={self.on_error!r})"
+        )
 
     @property
-    def paths(self) -> List[Any]:
+    def paths(self) -> list[Any]:
         return [key for key, _ in self.items]
 
     def load_image(self, i: int) -> Image.Image:
@@ -89,7 +100,7 @@ class ImageLabelDataset(Dataset):
         except Exception as err:  # a custom loader failing in its own way
             raise ImageLoadError(str(key), f"{type(err).__name__}: {err}") from None
 
-    def _load_or_substitute(self, i: int) -> Tuple[Image.Image, int]:
+    def _load_or_substitute(self, i: int) -> tuple[Image.Image, int]:
         """Image of item ``i``; under ``on_error="skip"`` a bad item is replaced (see module docstring)."""
         try:
             return self.load_image(i), i
@@ -121,10 +132,10 @@ class ImageLabelDataset(Dataset):
             image = self.transform(image)
         return image, int(self.labels[j])
 
-    def scan(self, remove: bool = False, progress: bool = True) -> List[Tuple[str, str]]:
+    def scan(self, remove: bool = False, progress: bool = True) -> list[tuple[str, str]]:
         """Try to read every image; return ``[(path, reason)]`` of the bad ones (and drop them if ``remove``)."""
-        bad: List[Tuple[str, str]] = []
-        keep: List[int] = []
+        bad: list[tuple[str, str]] = []
+        keep: list[int] = []
         for i in tqdm(range(len(self)), desc=f"scan {self.name}", disable=not progress, unit="img"):
             try:
                 self.load_image(i)
@@ -141,13 +152,20 @@ class ImageLabelDataset(Dataset):
         if self.views is not None:
             self.views = self.views[np.asarray(indices, dtype=np.int64)]
 
-    def subset(self, indices: Sequence[int]) -> "ImageLabelDataset":
+    def subset(self, indices: Sequence[int]) -> ImageLabelDataset:
         """A new dataset with items ``indices`` (same transform, loader, error policy, label values)."""
         views = None if self.views is None else self.views[np.asarray(indices, dtype=np.int64)]
-        return ImageLabelDataset([self.items[i] for i in indices], self.transform, self.loader, self.on_error,
-                                 self.class_names, self.name, views)
+        return ImageLabelDataset(
+            [self.items[i] for i in indices],
+            self.transform,
+            self.loader,
+            self.on_error,
+            self.class_names,
+            self.name,
+            views,
+        )
 
-    def select_view(self, view: str) -> "ImageLabelDataset":
+    def select_view(self, view: str) -> ImageLabelDataset:
         """Items of one view (e.g. ``"twitter"``)."""
         return self.subset(np.flatnonzero(_view_mask(self.views, view)))
 
@@ -168,28 +186,42 @@ class ImageTextDataset(Dataset):
     ``skipped_captions`` (with a warning).
     """
 
-    def __init__(self, images: Sequence[Any], image_labels: Sequence[int], captions: Sequence[str],
-                 caption_image: Sequence[int], transform: Optional[Callable] = None,
-                 loader: Optional[Loader] = None, on_error: str = "raise", empty_captions: str = "raise",
-                 class_names: Optional[Sequence[str]] = None, name: str = "image-text",
-                 image_views: Optional[Sequence[str]] = None) -> None:
+    def __init__(
+        self,
+        images: Sequence[Any],
+        image_labels: Sequence[int],
+        captions: Sequence[str],
+        caption_image: Sequence[int],
+        transform: Callable | None = None,
+        loader: Loader | None = None,
+        on_error: str = "raise",
+        empty_captions: str = "raise",
+        class_names: Sequence[str] | None = None,
+        name: str = "image-text",
+        image_views: Sequence[str] | None = None,
+    ) -> None:
         if empty_captions not in ("raise", "skip"):
-            raise ValueError(f"empty_captions must be 'raise' or 'skip', got {empty_captions!r}")
+            raise InputError(f"empty_captions must be 'raise' or 'skip', got {empty_captions!r}")
         caption_image = np.asarray(caption_image, dtype=np.int64)
         if len(captions) != len(caption_image):
-            raise ValueError(f"{len(captions)} captions but {len(caption_image)} caption_image entries")
+            raise InputError(f"{len(captions)} captions but {len(caption_image)} caption_image entries")
         if len(images) != len(image_labels):
-            raise ValueError(f"{len(images)} images but {len(image_labels)} image labels")
+            raise InputError(f"{len(images)} images but {len(image_labels)} image labels")
         if len(caption_image) and (caption_image.min() < 0 or caption_image.max() >= len(images)):
-            raise ValueError(f"caption_image must index into the {len(images)} images")
+            raise InputError(f"caption_image must index into the {len(images)} images")
         empty = [i for i, c in enumerate(captions) if not isinstance(c, str) or not c.strip()]
         if empty:
             where = [f"caption {i} of image {images[caption_image[i]]!r}" for i in empty[:5]]
             if empty_captions == "raise":
-                raise ValueError(f"dataset {name!r} has {len(empty)} empty captions ({'; '.join(where)}"
-                                 f"{' ...' if len(empty) > 5 else ''}); fix them or pass empty_captions='skip'")
-            warnings.warn(f"dataset {name!r}: skipping {len(empty)} empty captions ({'; '.join(where)})",
-                          RuntimeWarning, stacklevel=2)
+                raise InputError(
+                    f"dataset {name!r} has {len(empty)} empty captions ({'; '.join(where)}"
+                    f"{' ...' if len(empty) > 5 else ''}); fix them or pass empty_captions='skip'"
+                )
+            warnings.warn(
+                f"dataset {name!r}: skipping {len(empty)} empty captions ({'; '.join(where)})",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         keep = np.setdiff1d(np.arange(len(captions)), np.asarray(empty, dtype=np.int64))
         self.skipped_captions = [(str(images[caption_image[i]]), i) for i in empty]
         self.images = list(images)
@@ -202,15 +234,18 @@ class ImageTextDataset(Dataset):
         self.class_names = list(class_names) if class_names is not None else None
         self.name = name
         self.image_views = np.asarray(image_views, dtype=object) if image_views is not None else None
-        self._image_dataset = ImageLabelDataset(list(zip(self.images, self.image_labels)), transform, self.loader,
-                                                on_error, class_names, name, image_views)
+        self._image_dataset = ImageLabelDataset(
+            list(zip(self.images, self.image_labels)), transform, self.loader, on_error, class_names, name, image_views
+        )
 
     def __len__(self) -> int:
         return len(self.captions)
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}({self.name!r}, {len(self.images)} images, {len(self.captions)} captions, "
-                f"{len(np.unique(self.image_labels))} identities)")
+        return (
+            f"{type(self).__name__}({self.name!r}, {len(self.images)} images, {len(self.captions)} captions, "
+            f"{len(np.unique(self.image_labels))} identities)"
+        )
 
     @property
     def caption_labels(self) -> np.ndarray:
@@ -218,7 +253,7 @@ class ImageTextDataset(Dataset):
         return self.image_labels[self.caption_image]
 
     @property
-    def bad_paths(self) -> Dict[str, str]:
+    def bad_paths(self) -> dict[str, str]:
         return self._image_dataset.bad_paths
 
     def image_dataset(self) -> ImageLabelDataset:
@@ -235,33 +270,42 @@ class ImageTextDataset(Dataset):
         image, _ = images[int(self.caption_image[i])]
         return image, self.captions[i], int(self.image_labels[self.caption_image[i]])
 
-    def scan(self, progress: bool = True) -> List[Tuple[str, str]]:
+    def scan(self, progress: bool = True) -> list[tuple[str, str]]:
         """``[(path, reason)]`` of images that cannot be read (drop them with ``select_images``)."""
         return self._image_dataset.scan(progress=progress)
 
-    def select_images(self, indices: Sequence[int]) -> "ImageTextDataset":
+    def select_images(self, indices: Sequence[int]) -> ImageTextDataset:
         """A new dataset with images ``indices`` (in that order) and their captions."""
         indices = np.asarray(indices, dtype=np.int64)
         new_index = np.full(len(self.images), -1, dtype=np.int64)
         new_index[indices] = np.arange(len(indices))
         keep = np.flatnonzero(new_index[self.caption_image] >= 0)
         views = None if self.image_views is None else self.image_views[indices]
-        return ImageTextDataset([self.images[i] for i in indices], self.image_labels[indices],
-                                [self.captions[i] for i in keep], new_index[self.caption_image[keep]],
-                                self.transform, self.loader, self.on_error, "raise", self.class_names, self.name,
-                                views)
+        return ImageTextDataset(
+            [self.images[i] for i in indices],
+            self.image_labels[indices],
+            [self.captions[i] for i in keep],
+            new_index[self.caption_image[keep]],
+            self.transform,
+            self.loader,
+            self.on_error,
+            "raise",
+            self.class_names,
+            self.name,
+            views,
+        )
 
-    def select_view(self, view: str) -> "ImageTextDataset":
+    def select_view(self, view: str) -> ImageTextDataset:
         """Images of one view (e.g. ``"twitter"``) and their captions."""
         return self.select_images(np.flatnonzero(_view_mask(self.image_views, view)))
 
 
-def _view_mask(views: Optional[np.ndarray], view: str) -> np.ndarray:
+def _view_mask(views: np.ndarray | None, view: str) -> np.ndarray:
     if views is None:
-        raise ValueError("this dataset has no views")
+        raise InputError("this dataset has no views")
     mask = views == view
     if not mask.any():
-        raise ValueError(f"no items with view {view!r}; views: {', '.join(sorted(set(views)))}")
+        raise InputError(f"no items with view {view!r}; views: {', '.join(sorted(set(views)))}")
     return mask
 
 
@@ -271,4 +315,4 @@ def find_existing(root: str, candidates: Sequence[str], what: str) -> str:
         path = os.path.join(root, candidate)
         if os.path.exists(path):
             return path
-    raise FileNotFoundError(f"{what} not found; looked for {', '.join(os.path.join(root, c) for c in candidates)}")
+    raise MissingFileError(f"{what} not found; looked for {', '.join(os.path.join(root, c) for c in candidates)}")

@@ -8,6 +8,7 @@ identities is the test set (class-disjoint). Each image's caption is the lower-c
 ``short_names`` (``_``/``-`` as spaces) when they add words, e.g. ``"person raising both hands in celebration,
 raised hands"``; ``image_views`` is the vendor, ``image_labels`` the identity (contiguous within the split).
 """
+
 from __future__ import annotations
 
 import json
@@ -16,12 +17,13 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from metrank.data.base import ImageTextDataset
 from metrank.data.root import data_root
 from metrank.data.splits import check_split, held_out_classes, in_split
+from metrank.errors import InputError, MissingFileError
 
 EMOJI_VERSION = "16.0.0"
 EMOJI_VENDORS = ("google", "twitter")
@@ -31,25 +33,28 @@ def emoji_package_dir(root: Path, vendor: str) -> Path:
     return root / "emoji" / f"emoji-datasource-{vendor}" / "package"
 
 
-def fetch_emoji(root: Optional[str] = None, vendors: Sequence[str] = EMOJI_VENDORS, force: bool = False) -> Path:
+def fetch_emoji(root: str | None = None, vendors: Sequence[str] = EMOJI_VENDORS, force: bool = False) -> Path:
     """Download the emoji packages with ``npm pack`` and unpack ``emoji.json`` and the 64 px images under
     ``<root>/emoji/``; returns that directory. Skips vendors already present unless ``force``."""
     base = data_root(root) / "emoji"
     base.mkdir(parents=True, exist_ok=True)
     if shutil.which("npm") is None:
-        raise FileNotFoundError("the emoji data set is fetched with npm (Node.js); install it (apt-get install npm) "
-                                "or copy an unpacked emoji-datasource-<vendor> package into " + str(base))
+        raise MissingFileError(
+            "the emoji data set is fetched with npm (Node.js); install it (apt-get install npm) "
+            "or copy an unpacked emoji-datasource-<vendor> package into " + str(base)
+        )
     for vendor in vendors:
         target = emoji_package_dir(data_root(root), vendor).parent
         if target.is_dir() and not force:
             continue
         spec = f"emoji-datasource-{vendor}@{EMOJI_VERSION}"
         with tempfile.TemporaryDirectory(dir=base, prefix=f".fetch-{vendor}-") as tmp:
-            result = subprocess.run(["npm", "pack", spec, "--pack-destination", tmp, "--silent"],
-                                    capture_output=True, text=True)
+            result = subprocess.run(
+                ["npm", "pack", spec, "--pack-destination", tmp, "--silent"], capture_output=True, text=True
+            )
             tarballs = list(Path(tmp).glob("*.tgz"))
             if result.returncode != 0 or not tarballs:
-                raise FileNotFoundError(f"npm pack {spec} failed: {result.stderr.strip()[-500:]}")
+                raise MissingFileError(f"npm pack {spec} failed: {result.stderr.strip()[-500:]}")
             unpacked = Path(tmp) / "unpacked"
             wanted = ("package/emoji.json", "package/LICENSE", "package/package.json", f"package/img/{vendor}/64/")
             with tarfile.open(tarballs[0]) as tar:
@@ -72,8 +77,15 @@ def emoji_caption(entry: dict) -> str:
     return ", ".join([name] + extra)
 
 
-def load_emoji(root: Optional[str] = None, split: str = "train", vendors: Sequence[str] = EMOJI_VENDORS,
-               test_fraction: float = 0.3, seed: int = 0, download: bool = False, **dataset_kw) -> ImageTextDataset:
+def load_emoji(
+    root: str | None = None,
+    split: str = "train",
+    vendors: Sequence[str] = EMOJI_VENDORS,
+    test_fraction: float = 0.3,
+    seed: int = 0,
+    download: bool = False,
+    **dataset_kw,
+) -> ImageTextDataset:
     """The emoji ``ImageTextDataset`` (one image and one caption per identity and vendor); see module docstring.
 
     ``download=True`` runs ``fetch_emoji`` when the data is missing. ``dataset_kw`` go to ``ImageTextDataset``
@@ -83,17 +95,18 @@ def load_emoji(root: Optional[str] = None, split: str = "train", vendors: Sequen
     check_split(split)
     vendors = list(vendors)
     if not vendors or any(v not in ("google", "twitter", "apple", "facebook") for v in vendors):
-        raise ValueError(f"vendors must be a non-empty subset of google, twitter, apple, facebook; got {vendors}")
+        raise InputError(f"vendors must be a non-empty subset of google, twitter, apple, facebook; got {vendors}")
     base = data_root(root)
     missing = [v for v in vendors if not (emoji_package_dir(base, v) / "emoji.json").is_file()]
     if missing and download:
         fetch_emoji(root, missing)
     elif missing:
-        raise FileNotFoundError(f"emoji data for {', '.join(missing)} not found under {base / 'emoji'}; run "
-                                "`metrank data fetch emoji` (or pass download=True)")
+        raise MissingFileError(
+            f"emoji data for {', '.join(missing)} not found under {base / 'emoji'}; run "
+            "`metrank data fetch emoji` (or pass download=True)"
+        )
     entries = json.loads((emoji_package_dir(base, vendors[0]) / "emoji.json").read_text(encoding="utf-8"))
-    entries = sorted((e for e in entries if all(e.get(f"has_img_{v}") for v in vendors)),
-                     key=lambda e: e["sort_order"])
+    entries = sorted((e for e in entries if all(e.get(f"has_img_{v}") for v in vendors)), key=lambda e: e["sort_order"])
     test = held_out_classes([e["unified"] for e in entries], test_fraction, seed)
     chosen = [e for e in entries if in_split(e["unified"] in test, split)]
     images, labels, views, captions = [], [], [], []
@@ -103,9 +116,16 @@ def load_emoji(root: Optional[str] = None, split: str = "train", vendors: Sequen
             labels.append(label)
             views.append(vendor)
             captions.append(emoji_caption(entry))
-    dataset = ImageTextDataset(images, labels, captions, range(len(images)), image_views=views,
-                               class_names=[e["name"].lower() for e in chosen], name=f"emoji-{split}",
-                               **dataset_kw)
+    dataset = ImageTextDataset(
+        images,
+        labels,
+        captions,
+        range(len(images)),
+        image_views=views,
+        class_names=[e["name"].lower() for e in chosen],
+        name=f"emoji-{split}",
+        **dataset_kw,
+    )
     dataset.categories = [e["category"] for e in chosen]
     dataset.subcategories = [e["subcategory"] for e in chosen]
     return dataset

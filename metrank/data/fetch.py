@@ -1,55 +1,76 @@
 """Getting each dataset onto disk: ``fetch_dataset(name)`` downloads what package registries provide (npm for emoji,
 Debian for Tux Paint and Fashion-MNIST) and, for the standard sets that no registry carries, returns instructions
 saying where to download them and which layout to unpack under ``$METRANK_DATA/<name>``."""
+
 from __future__ import annotations
 
 import os
 import shutil
 import subprocess
-from typing import Optional
 
 from metrank.data.emoji import fetch_emoji
 from metrank.data.fashion_mnist import FASHION_MNIST_DIR
 from metrank.data.root import data_root
 from metrank.data.tuxpaint import TUXPAINT_DIR
+from metrank.errors import InputError
 
-DEBIAN_PACKAGES = {"tuxpaint": ("tuxpaint-stamps-default", TUXPAINT_DIR),
-                   "fashion_mnist": ("dataset-fashion-mnist", FASHION_MNIST_DIR)}
+DEBIAN_PACKAGES = {
+    "tuxpaint": ("tuxpaint-stamps-default", TUXPAINT_DIR),
+    "fashion_mnist": ("dataset-fashion-mnist", FASHION_MNIST_DIR),
+}
 
 MANUAL = {
-    "cub": ("CUB-200-2011 (Wah et al. 2011)", "https://data.caltech.edu/records/65de6-vp158 (CUB_200_2011.tgz)",
-            "CUB_200_2011/{images.txt,image_class_labels.txt,images/<class>/<image>.jpg}"),
-    "cars196": ("Stanford Cars (Krause et al. 2013)",
-                "https://ai.stanford.edu/~jkrause/cars/car_dataset.html (car_ims.tgz + cars_annos.mat; mirrored on "
-                "Kaggle as 'stanford-cars-dataset')",
-                "cars_annos.mat (or cars_annos.csv with columns relative_im_path,class) and car_ims/<image>.jpg"),
-    "sop": ("Stanford Online Products (Oh Song et al. 2016)",
-            "https://cvgl.stanford.edu/projects/lifted_struct/ (Stanford_Online_Products.zip)",
-            "Stanford_Online_Products/{Ebay_train.txt,Ebay_test.txt,<category>_final/<image>.JPG}"),
-    "inshop": ("DeepFashion In-Shop Clothes Retrieval (Liu et al. 2016)",
-               "https://mmlab.ie.cuhk.edu.hk/projects/DeepFashion/InShopRetrieval.html (img.zip, "
-               "list_eval_partition.txt)",
-               "list_eval_partition.txt and img/<...>/<image>.jpg"),
-    "flickr30k": ("Flickr30K (Young et al. 2014) with Karpathy's split",
-                  "images: https://shannon.cs.illinois.edu/DenotationGraph/ (request form); split file "
-                  "dataset_flickr30k.json from https://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip",
-                  "dataset_flickr30k.json and flickr30k-images/<image>.jpg"),
-    "coco": ("MS-COCO 2014 (Lin et al. 2014) with Karpathy's split",
-             "images: https://cocodataset.org/#download (train2014.zip, val2014.zip); split file dataset_coco.json "
-             "from https://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip",
-             "dataset_coco.json, train2014/<image>.jpg, val2014/<image>.jpg"),
+    "cub": (
+        "CUB-200-2011 (Wah et al. 2011)",
+        "https://data.caltech.edu/records/65de6-vp158 (CUB_200_2011.tgz)",
+        "CUB_200_2011/{images.txt,image_class_labels.txt,images/<class>/<image>.jpg}",
+    ),
+    "cars196": (
+        "Stanford Cars (Krause et al. 2013)",
+        "https://ai.stanford.edu/~jkrause/cars/car_dataset.html (car_ims.tgz + cars_annos.mat; mirrored on "
+        "Kaggle as 'stanford-cars-dataset')",
+        "cars_annos.mat (or cars_annos.csv with columns relative_im_path,class) and car_ims/<image>.jpg",
+    ),
+    "sop": (
+        "Stanford Online Products (Oh Song et al. 2016)",
+        "https://cvgl.stanford.edu/projects/lifted_struct/ (Stanford_Online_Products.zip)",
+        "Stanford_Online_Products/{Ebay_train.txt,Ebay_test.txt,<category>_final/<image>.JPG}",
+    ),
+    "inshop": (
+        "DeepFashion In-Shop Clothes Retrieval (Liu et al. 2016)",
+        "https://mmlab.ie.cuhk.edu.hk/projects/DeepFashion/InShopRetrieval.html (img.zip, list_eval_partition.txt)",
+        "list_eval_partition.txt and img/<...>/<image>.jpg",
+    ),
+    "flickr30k": (
+        "Flickr30K (Young et al. 2014) with Karpathy's split",
+        "images: https://shannon.cs.illinois.edu/DenotationGraph/ (request form); split file "
+        "dataset_flickr30k.json from https://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip",
+        "dataset_flickr30k.json and flickr30k-images/<image>.jpg",
+    ),
+    "coco": (
+        "MS-COCO 2014 (Lin et al. 2014) with Karpathy's split",
+        "images: https://cocodataset.org/#download (train2014.zip, val2014.zip); split file dataset_coco.json "
+        "from https://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip",
+        "dataset_coco.json, train2014/<image>.jpg, val2014/<image>.jpg",
+    ),
     # bring-your-own-data loaders
-    "image_folder": ("any folder of images with one sub-folder per class", "(your data)",
-                     "<root>/<class name>/<image>; pass root=<that folder>"),
-    "csv": ("any CSV / JSON-lines table of image paths and captions", "(your data)",
-            "a .csv (header row) or .jsonl with columns image, caption [, label, split]; image paths relative to "
-            "the file; pass root=<the file>"),
+    "image_folder": (
+        "any folder of images with one sub-folder per class",
+        "(your data)",
+        "<root>/<class name>/<image>; pass root=<that folder>",
+    ),
+    "csv": (
+        "any CSV / JSON-lines table of image paths and captions",
+        "(your data)",
+        "a .csv (header row) or .jsonl with columns image, caption [, label, split]; image paths relative to "
+        "the file; pass root=<the file>",
+    ),
 }
 
 USER_DATA = ("image_folder", "csv")
 
 
-def dataset_location(name: str, root: Optional[str] = None) -> Optional[str]:
+def dataset_location(name: str, root: str | None = None) -> str | None:
     """Where ``name`` is on disk now, or ``None`` if absent (user-data loaders have no fixed place)."""
     if name == "emoji":
         path = data_root(root) / "emoji"
@@ -63,7 +84,7 @@ def dataset_location(name: str, root: Optional[str] = None) -> Optional[str]:
     return str(path) if path.is_dir() else None
 
 
-def fetch_dataset(name: str, root: Optional[str] = None, run_apt: Optional[bool] = None) -> str:
+def fetch_dataset(name: str, root: str | None = None, run_apt: bool | None = None) -> str:
     """Fetch ``name`` where a registry provides it; returns a message saying what was done or what to do.
 
     ``run_apt`` (default: when running as root) lets Debian packages be installed with ``apt-get``.
@@ -86,10 +107,12 @@ def fetch_dataset(name: str, root: Optional[str] = None, run_apt: Optional[bool]
         if name in USER_DATA:
             return f"{name}: {title}; layout: {layout}"
         target = data_root(root) / name
-        return (f"{name}: {title} is not on a package registry; download it yourself.\n"
-                f"  from:   {source}\n  layout: {target}/{layout}\n"
-                f"  then:   metrank.data.create_dataset({name!r}) finds it there (or pass root=...)")
+        return (
+            f"{name}: {title} is not on a package registry; download it yourself.\n"
+            f"  from:   {source}\n  layout: {target}/{layout}\n"
+            f"  then:   metrank.data.create_dataset({name!r}) finds it there (or pass root=...)"
+        )
     from metrank.data import DATASETS
 
     DATASETS.get(name)  # raises ValueError listing the valid names
-    raise ValueError(f"no fetch recipe for dataset {name!r}")
+    raise InputError(f"no fetch recipe for dataset {name!r}")

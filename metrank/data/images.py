@@ -1,9 +1,9 @@
 """Opening images: any PIL mode -> RGB with transparency composited on white; unreadable files raise
 ``ImageLoadError`` naming the path."""
+
 from __future__ import annotations
 
 import os
-from typing import Union
 
 from PIL import Image, UnidentifiedImageError
 
@@ -28,7 +28,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def open_rgb(path: Union[str, os.PathLike]) -> Image.Image:
+def open_rgb(path: str | os.PathLike) -> Image.Image:
     """Load ``path`` fully as an RGB image, or raise ``ImageLoadError`` with the path and the reason."""
     path = os.fspath(path)
     try:

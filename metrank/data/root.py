@@ -1,12 +1,12 @@
 """Where datasets live: ``$METRANK_DATA`` (default ``~/.cache/metrank``)."""
+
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional, Union
 
 
-def data_root(root: Optional[Union[str, os.PathLike]] = None) -> Path:
+def data_root(root: str | os.PathLike | None = None) -> Path:
     """``root`` if given, else ``$METRANK_DATA``, else ``~/.cache/metrank``."""
     if root is not None:
         return Path(root).expanduser()

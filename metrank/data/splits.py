@@ -1,23 +1,26 @@
 """Deterministic class-disjoint splits (metric learning tests on classes never seen in training)."""
+
 from __future__ import annotations
 
-from typing import Hashable, Sequence, Set
+from collections.abc import Hashable, Sequence
 
 import numpy as np
+
+from metrank.errors import InputError
 
 SPLITS = ("train", "test", "all")
 
 
 def check_split(split: str, valid: Sequence[str] = SPLITS) -> str:
     if split not in valid:
-        raise ValueError(f"split must be one of {', '.join(valid)}, got {split!r}")
+        raise InputError(f"split must be one of {', '.join(valid)}, got {split!r}")
     return split
 
 
-def held_out_classes(classes: Sequence[Hashable], test_fraction: float, seed: int) -> Set[Hashable]:
+def held_out_classes(classes: Sequence[Hashable], test_fraction: float, seed: int) -> set[Hashable]:
     """The seeded random ``test_fraction`` of ``classes`` (sorted first, so the order given does not matter)."""
     if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+        raise InputError(f"test_fraction must be in (0, 1), got {test_fraction}")
     ordered = sorted(set(classes))
     n_test = int(round(test_fraction * len(ordered)))
     order = np.random.default_rng(seed).permutation(len(ordered))

@@ -8,18 +8,19 @@ stamps are rendered with cairosvg (``pip install cairosvg``; without it they are
 Split: a seeded random ``test_fraction`` of the stamps is held out (``split_by="stamp"``, for caption retrieval)
 or of the category folders (``split_by="category"``, class-disjoint category retrieval).
 """
+
 from __future__ import annotations
 
 import io
 import os
 import warnings
-from typing import Optional
 
 from PIL import Image
 
 from metrank.data.base import ImageTextDataset, remap_labels
 from metrank.data.images import ImageLoadError, open_rgb, to_rgb
 from metrank.data.splits import check_split, held_out_classes, in_split
+from metrank.errors import InputError, MissingFileError
 
 TUXPAINT_DIR = "/usr/share/tuxpaint/stamps"
 SVG_SIZE = 256
@@ -56,15 +57,21 @@ def read_caption(path: str) -> str:
         return f.readline().strip()
 
 
-def load_tuxpaint(root: Optional[str] = None, split: str = "train", split_by: str = "stamp",
-                  test_fraction: float = 0.3, seed: int = 0, **kw) -> ImageTextDataset:
+def load_tuxpaint(
+    root: str | None = None,
+    split: str = "train",
+    split_by: str = "stamp",
+    test_fraction: float = 0.3,
+    seed: int = 0,
+    **kw,
+) -> ImageTextDataset:
     """Tux Paint stamps as an ``ImageTextDataset`` (one caption per image); see module docstring."""
     check_split(split)
     if split_by not in ("stamp", "category"):
-        raise ValueError(f"split_by must be 'stamp' or 'category', got {split_by!r}")
+        raise InputError(f"split_by must be 'stamp' or 'category', got {split_by!r}")
     root = root or TUXPAINT_DIR
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"Tux Paint stamps not found at {root!r}; `metrank data fetch tuxpaint`")
+        raise MissingFileError(f"Tux Paint stamps not found at {root!r}; `metrank data fetch tuxpaint`")
     render_svg = cairosvg_available()
     stamps, skipped_svg = [], 0
     for directory, _, files in sorted(os.walk(root)):
@@ -80,11 +87,22 @@ def load_tuxpaint(root: Optional[str] = None, split: str = "train", split_by: st
                 continue
             stamps.append((image, os.path.relpath(directory, root), read_caption(stem + ".txt")))
     if skipped_svg:
-        warnings.warn(f"tuxpaint: {skipped_svg} SVG-only stamps left out (pip install cairosvg to render them)",
-                      RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"tuxpaint: {skipped_svg} SVG-only stamps left out (pip install cairosvg to render them)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     keys = [s[0] if split_by == "stamp" else s[1] for s in stamps]
     test = held_out_classes(keys, test_fraction, seed) if split != "all" else set()
     chosen = [s for s, key in zip(stamps, keys) if in_split(key in test, split)]
     labels, categories = remap_labels([category for _, category, _ in chosen])
-    return ImageTextDataset([s[0] for s in chosen], labels, [s[2] for s in chosen], range(len(chosen)),
-                            loader=StampLoader(), class_names=categories, name=f"tuxpaint-{split}", **kw)
+    return ImageTextDataset(
+        [s[0] for s in chosen],
+        labels,
+        [s[2] for s in chosen],
+        range(len(chosen)),
+        loader=StampLoader(),
+        class_names=categories,
+        name=f"tuxpaint-{split}",
+        **kw,
+    )

@@ -1,17 +1,19 @@
 """Checkpoints of ``RetrievalModel``: ``{"config", "state_dict", "extra"}`` written atomically, read back with
 ``torch.load(weights_only=True)`` and rebuilt offline from ``config`` (no pretrained weights are fetched: every
 weight, the pretrained backbones included, comes from the checkpoint)."""
+
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Dict, Tuple, Union
+from typing import Any
 
 import torch
 
 from metrank.atomic import atomic_path
 from metrank.encoders.factory import create_model
 from metrank.encoders.model import RetrievalModel
+from metrank.errors import MissingFileError, StateError
 
 FORMAT = "metrank.encoder.v1"
 _SAFE_SCALARS = (str, int, float, bool, type(None), torch.Tensor)
@@ -27,11 +29,13 @@ def _check_safe(value: Any, where: str) -> None:
         for i, item in enumerate(value):
             _check_safe(item, f"{where}[{i}]")
     elif not isinstance(value, _SAFE_SCALARS):
-        raise ValueError(f"checkpoint entry {where} is a {type(value).__name__}; only tensors, numbers, strings, "
-                         "lists and dicts can be stored (they must load with weights_only=True)")
+        raise StateError(
+            f"checkpoint entry {where} is a {type(value).__name__}; only tensors, numbers, strings, "
+            "lists and dicts can be stored (they must load with weights_only=True)"
+        )
 
 
-def save_checkpoint(path: Union[str, os.PathLike], model: RetrievalModel, **extra: Any) -> Path:
+def save_checkpoint(path: str | os.PathLike, model: RetrievalModel, **extra: Any) -> Path:
     """Write ``model`` (config + state dict) and ``extra`` (epoch, metrics, ...) to ``path`` atomically."""
     _check_safe(model.config, "config")
     _check_safe(extra, "extra")
@@ -42,19 +46,20 @@ def save_checkpoint(path: Union[str, os.PathLike], model: RetrievalModel, **extr
     return path
 
 
-def read_checkpoint(path: Union[str, os.PathLike], map_location: str = "cpu") -> Dict[str, Any]:
+def read_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> dict[str, Any]:
     """The raw checkpoint dict (``config``, ``state_dict``, ``extra``), checked for the metrank format."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+        raise MissingFileError(f"checkpoint {str(path)!r} does not exist")
     payload = torch.load(path, map_location=map_location, weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"{str(path)!r} is not a metrank encoder checkpoint (written by save_checkpoint)")
+        raise StateError(f"{str(path)!r} is not a metrank encoder checkpoint (written by save_checkpoint)")
     return payload
 
 
-def load_checkpoint(path: Union[str, os.PathLike], map_location: str = "cpu", with_extra: bool = False
-                    ) -> Union[RetrievalModel, Tuple[RetrievalModel, Dict[str, Any]]]:
+def load_checkpoint(
+    path: str | os.PathLike, map_location: str = "cpu", with_extra: bool = False
+) -> RetrievalModel | tuple[RetrievalModel, dict[str, Any]]:
     """Rebuild the model saved at ``path`` (architecture from its config, weights from its state dict).
 
     Returns the model in eval mode, or ``(model, extra)`` with ``with_extra=True``.

@@ -9,6 +9,7 @@ linear projections of both into ``embed_dim``. Everything comes from installed p
 The open_clip towers are split at their projection: ``image_features``/``text_features`` return the pooled
 pre-projection features, ``image_head``/``text_head`` the projection lifted out of the tower.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -16,8 +17,9 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any
 
 import open_clip
 from open_clip.hf_model import HFTextEncoder
@@ -29,14 +31,14 @@ from metrank.encoders.factory import MODELS, Pretrained
 from metrank.encoders.freezing import freeze_timm_trunk
 from metrank.encoders.model import MatmulProjection, RetrievalModel
 from metrank.encoders.pooling import replace_timm_pooling
-from metrank.encoders.pretrained import (LITE0_PREPROCESS, LITE0_TIMM_NAME, load_lite0_imagenet_weights,
-                                         minilm_path)
+from metrank.encoders.pretrained import LITE0_PREPROCESS, LITE0_TIMM_NAME, load_lite0_imagenet_weights, minilm_path
 from metrank.encoders.transforms import build_image_transforms
+from metrank.errors import InputError, MissingFileError
 
-_CONFIG_DIR: Optional[Path] = None
+_CONFIG_DIR: Path | None = None
 
 
-def register_open_clip_config(prefix: str, model_cfg: Dict[str, Any]) -> str:
+def register_open_clip_config(prefix: str, model_cfg: dict[str, Any]) -> str:
     """Register ``model_cfg`` with ``open_clip.add_model_config`` under a name derived from its content."""
     global _CONFIG_DIR
     if _CONFIG_DIR is None:
@@ -66,7 +68,7 @@ def quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def split_image_tower(visual: nn.Module) -> Tuple[nn.Module, nn.Module]:
+def split_image_tower(visual: nn.Module) -> tuple[nn.Module, nn.Module]:
     """``(backbone, projection)`` of an open_clip image tower; the projection is removed from the tower."""
     if isinstance(visual, TimmModel):
         return visual.trunk, visual.head
@@ -77,7 +79,7 @@ def split_image_tower(visual: nn.Module) -> Tuple[nn.Module, nn.Module]:
     return visual, nn.Identity()  # e.g. ModifiedResNet: the projection lives inside its attention pool
 
 
-def split_text_tower(text: nn.Module) -> Tuple[nn.Module, nn.Module]:
+def split_text_tower(text: nn.Module) -> tuple[nn.Module, nn.Module]:
     """``(backbone, projection)`` of an open_clip text tower; the projection is removed from the tower."""
     if isinstance(text, HFTextEncoder):
         projection, text.proj = text.proj, nn.Identity()
@@ -90,14 +92,22 @@ def split_text_tower(text: nn.Module) -> Tuple[nn.Module, nn.Module]:
     return text, nn.Identity()
 
 
-def retrieval_model_from_clip(clip: nn.Module, tokenizer, embed_dim: int, pooling: Optional[str],
-                              freeze_image: bool, unfreeze_image_last: int, freeze_bn: bool,
-                              freeze_text: bool, unfreeze_text_last: int) -> RetrievalModel:
+def retrieval_model_from_clip(
+    clip: nn.Module,
+    tokenizer,
+    embed_dim: int,
+    pooling: str | None,
+    freeze_image: bool,
+    unfreeze_image_last: int,
+    freeze_bn: bool,
+    freeze_text: bool,
+    unfreeze_text_last: int,
+) -> RetrievalModel:
     """Wrap an open_clip ``CustomTextCLIP`` (``.visual``, ``.text``) as a ``RetrievalModel``."""
     visual, text = clip.visual, clip.text
     if pooling is not None:
         if not isinstance(visual, TimmModel):
-            raise ValueError(f"pooling={pooling!r} applies to timm CNN image towers only")
+            raise InputError(f"pooling={pooling!r} applies to timm CNN image towers only")
         replace_timm_pooling(visual.trunk, pooling)
     if freeze_image:
         if isinstance(visual, TimmModel):
@@ -109,75 +119,135 @@ def retrieval_model_from_clip(clip: nn.Module, tokenizer, embed_dim: int, poolin
     preprocess = open_clip.get_model_preprocess_cfg(clip)
     size = preprocess["size"]
     size = size if isinstance(size, int) else size[-1]
-    eval_transform, train_transform = build_image_transforms(size, preprocess["mean"], preprocess["std"],
-                                                             preprocess.get("interpolation") or "bicubic")
+    eval_transform, train_transform = build_image_transforms(
+        size, preprocess["mean"], preprocess["std"], preprocess.get("interpolation") or "bicubic"
+    )
     image_backbone, image_projection = split_image_tower(visual)
     text_backbone, text_projection = split_text_tower(text)
-    return RetrievalModel(image_backbone, image_projection, embed_dim, eval_transform, train_transform, config={},
-                          text_backbone=text_backbone, text_projection=text_projection, tokenizer=tokenizer)
+    return RetrievalModel(
+        image_backbone,
+        image_projection,
+        embed_dim,
+        eval_transform,
+        train_transform,
+        config={},
+        text_backbone=text_backbone,
+        text_projection=text_projection,
+        tokenizer=tokenizer,
+    )
 
 
 @MODELS.register("open_clip")
-def build_open_clip_model(arch: str, pretrained: Pretrained = None, image_size: Optional[int] = None,
-                          pooling: Optional[str] = None, freeze_image: bool = False, unfreeze_image_last: int = 0,
-                          freeze_bn: bool = True, freeze_text: bool = False, unfreeze_text_last: int = 0
-                          ) -> RetrievalModel:
+def build_open_clip_model(
+    arch: str,
+    pretrained: Pretrained = None,
+    image_size: int | None = None,
+    pooling: str | None = None,
+    freeze_image: bool = False,
+    unfreeze_image_last: int = 0,
+    freeze_bn: bool = True,
+    freeze_text: bool = False,
+    unfreeze_text_last: int = 0,
+) -> RetrievalModel:
     """Any open_clip config (``open_clip.list_models()``); ``pretrained`` is an open_clip tag (needs its download
     source), a local checkpoint path, or ``None``/``False`` for random init."""
     if arch not in open_clip.list_models():
-        raise ValueError(f"unknown open_clip config {arch!r}; valid: {', '.join(open_clip.list_models())}")
+        raise InputError(f"unknown open_clip config {arch!r}; valid: {', '.join(open_clip.list_models())}")
     if pretrained is True:
         tags = open_clip.list_pretrained_tags_by_model(arch)
-        raise ValueError(f"open_clip/{arch} needs pretrained=<tag> (one of {tags}), a local checkpoint path, or None")
+        raise InputError(f"open_clip/{arch} needs pretrained=<tag> (one of {tags}), a local checkpoint path, or None")
     source = pretrained or None
     if source is not None and os.path.sep in source:
         source = str(Path(source).expanduser())
         if not Path(source).is_file():
-            raise FileNotFoundError(f"open_clip checkpoint {source!r} does not exist")
+            raise MissingFileError(f"open_clip checkpoint {source!r} does not exist")
     try:
-        clip = open_clip.create_model(arch, pretrained=source, force_custom_text=True, force_image_size=image_size,
-                                      pretrained_text=False)
+        clip = open_clip.create_model(
+            arch, pretrained=source, force_custom_text=True, force_image_size=image_size, pretrained_text=False
+        )
     except RuntimeError as err:
-        raise ValueError(f"cannot load open_clip/{arch} weights {source!r} ({err}); offline, pass a local "
-                         "checkpoint path or pretrained=None") from None
+        raise InputError(
+            f"cannot load open_clip/{arch} weights {source!r} ({err}); offline, pass a local "
+            "checkpoint path or pretrained=None"
+        ) from None
     embed_dim = open_clip.get_model_config(arch)["embed_dim"]
-    return retrieval_model_from_clip(clip, open_clip.get_tokenizer(arch), embed_dim, pooling, freeze_image,
-                                     unfreeze_image_last, freeze_bn, freeze_text, unfreeze_text_last)
+    return retrieval_model_from_clip(
+        clip,
+        open_clip.get_tokenizer(arch),
+        embed_dim,
+        pooling,
+        freeze_image,
+        unfreeze_image_last,
+        freeze_bn,
+        freeze_text,
+        unfreeze_text_last,
+    )
 
 
-def lite0_minilm_config(embed_dim: int, image_size: int, context_length: int, text_pretrained: bool) -> Dict:
+def lite0_minilm_config(embed_dim: int, image_size: int, context_length: int, text_pretrained: bool) -> dict:
     """open_clip model config of the Lite0 + MiniLM two-tower model (SPEC §5)."""
     path = minilm_path()
     return {
         "embed_dim": embed_dim,
         "custom_text": True,
-        "vision_cfg": {"image_size": image_size, "timm_model_name": LITE0_TIMM_NAME, "timm_model_pretrained": False,
-                       "timm_pool": "avg", "timm_proj": "linear"},
-        "text_cfg": {"hf_model_name": path, "hf_tokenizer_name": path, "hf_model_pretrained": text_pretrained,
-                     "hf_pooler_type": "mean_pooler", "hf_proj_type": "linear", "context_length": context_length},
+        "vision_cfg": {
+            "image_size": image_size,
+            "timm_model_name": LITE0_TIMM_NAME,
+            "timm_model_pretrained": False,
+            "timm_pool": "avg",
+            "timm_proj": "linear",
+        },
+        "text_cfg": {
+            "hf_model_name": path,
+            "hf_tokenizer_name": path,
+            "hf_model_pretrained": text_pretrained,
+            "hf_pooler_type": "mean_pooler",
+            "hf_proj_type": "linear",
+            "context_length": context_length,
+        },
     }
 
 
 @MODELS.register("lite0-minilm")
-def build_lite0_minilm(pretrained: Pretrained = True, embed_dim: int = 256, image_size: int = 224,
-                       context_length: int = 77, pooling: Optional[str] = None, freeze_image: bool = False,
-                       unfreeze_image_last: int = 0, freeze_bn: bool = True, freeze_text: bool = False,
-                       unfreeze_text_last: int = 0) -> RetrievalModel:
+def build_lite0_minilm(
+    pretrained: Pretrained = True,
+    embed_dim: int = 256,
+    image_size: int = 224,
+    context_length: int = 77,
+    pooling: str | None = None,
+    freeze_image: bool = False,
+    unfreeze_image_last: int = 0,
+    freeze_bn: bool = True,
+    freeze_text: bool = False,
+    unfreeze_text_last: int = 0,
+) -> RetrievalModel:
     """Offline two-tower model: EfficientNet-Lite0 (1280-d) + all-MiniLM-L6-v2 (384-d, mean pooled), linear
     projections to ``embed_dim``. ``pretrained=False`` builds the same architecture with random towers (used by
     ``load_checkpoint``, which then loads every weight from the checkpoint). ``image_size`` 224 is Lite0's
     pretraining resolution; smaller (e.g. 64 for emoji) is faster. ``pooling`` ``avg|max|gem`` replaces Lite0's
     average pool; ``freeze_*`` as in ``retrieval_model_from_clip``."""
     if pretrained not in (True, False, None):
-        raise ValueError("lite0-minilm takes pretrained=True (packaged weights) or False; to load a trained model "
-                         "use metrank.encoders.load_checkpoint(path)")
-    name = register_open_clip_config("metrank-lite0-minilm",
-                                     lite0_minilm_config(embed_dim, image_size, context_length, bool(pretrained)))
+        raise InputError(
+            "lite0-minilm takes pretrained=True (packaged weights) or False; to load a trained model "
+            "use metrank.encoders.load_checkpoint(path)"
+        )
+    name = register_open_clip_config(
+        "metrank-lite0-minilm", lite0_minilm_config(embed_dim, image_size, context_length, bool(pretrained))
+    )
     with quiet_transformers():  # MiniLM's unused BERT pooler weights are expected, not worth a report
         clip = open_clip.create_model(name, pretrained=None, pretrained_text=bool(pretrained))
     if pretrained:
         load_lite0_imagenet_weights(clip.visual.trunk)
     open_clip.set_model_preprocess_cfg(clip, {**open_clip.get_model_preprocess_cfg(clip), **LITE0_PREPROCESS})
     tokenizer = open_clip.get_tokenizer(name)
-    return retrieval_model_from_clip(clip, tokenizer, embed_dim, pooling, freeze_image, unfreeze_image_last,
-                                     freeze_bn, freeze_text, unfreeze_text_last)
+    return retrieval_model_from_clip(
+        clip,
+        tokenizer,
+        embed_dim,
+        pooling,
+        freeze_image,
+        unfreeze_image_last,
+        freeze_bn,
+        freeze_text,
+        unfreeze_text_last,
+    )

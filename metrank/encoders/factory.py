@@ -4,17 +4,19 @@ Names: ``"lite0-minilm"`` (offline two-tower default), ``"lite0"`` (image only),
 ``"open_clip/<open_clip config>"``. Builders are registered by ``metrank.encoders.timm_model`` and
 ``metrank.encoders.clip_model``; prefixed names go to the ``"timm"`` / ``"open_clip"`` builder with ``arch`` set.
 """
+
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any
 
 from metrank.encoders.model import RetrievalModel
+from metrank.errors import ConfigError
 from metrank.registry import Registry
 
 MODELS: Registry[RetrievalModel] = Registry("model")
 PREFIXED = ("timm", "open_clip")
 
-Pretrained = Union[bool, str, None]
+Pretrained = bool | str | None
 
 
 def create_model(name: str, pretrained: Pretrained = True, **kwargs: Any) -> RetrievalModel:
@@ -28,17 +30,21 @@ def create_model(name: str, pretrained: Pretrained = True, **kwargs: Any) -> Ret
     prefix, _, arch = name.partition("/")
     if arch:
         if prefix not in PREFIXED:
-            raise ValueError(f"unknown model prefix {prefix!r} in {name!r}; valid: "
-                             f"{', '.join(p + '/<name>' for p in PREFIXED)} or one of {', '.join(named_models())}")
+            raise ConfigError(
+                f"unknown model prefix {prefix!r} in {name!r}; valid: "
+                f"{', '.join(p + '/<name>' for p in PREFIXED)} or one of {', '.join(named_models())}"
+            )
         builder, kwargs = MODELS.get(prefix), {"arch": arch, **kwargs}
     elif name in PREFIXED:
-        raise ValueError(f"model name {name!r} needs an architecture: {name}/<name>")
+        raise ConfigError(f"model name {name!r} needs an architecture: {name}/<name>")
     else:
         try:
             builder = MODELS.get(name)
         except ValueError:
-            raise ValueError(f"unknown model {name!r}; valid names: {', '.join(named_models())}, "
-                             "timm/<timm model name>, open_clip/<open_clip config>") from None
+            raise ConfigError(
+                f"unknown model {name!r}; valid names: {', '.join(named_models())}, "
+                "timm/<timm model name>, open_clip/<open_clip config>"
+            ) from None
     model = builder(pretrained=pretrained, **kwargs)
     model.config = {"name": name, "kwargs": {k: v for k, v in kwargs.items() if k != "arch"}}
     return model.eval()

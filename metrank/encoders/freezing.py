@@ -5,9 +5,12 @@ conv/norm). ``freeze_timm_trunk(trunk, unfreeze_last=N)`` stops gradients for al
 ``freeze_bn=True``, turns their BatchNorm layers into ``FrozenBatchNorm2d`` (running statistics fixed, so small or
 single-class batches cannot corrupt them). ``unfreeze_last=0`` freezes the whole trunk, including its pooling.
 """
+
 from __future__ import annotations
 
 from torch import nn
+
+from metrank.errors import InputError
 
 
 def freeze_timm_trunk(trunk: nn.Module, unfreeze_last: int = 0, freeze_bn: bool = True) -> None:
@@ -16,14 +19,16 @@ def freeze_timm_trunk(trunk: nn.Module, unfreeze_last: int = 0, freeze_bn: bool 
     from timm.utils import freeze
 
     if unfreeze_last < 0:
-        raise ValueError(f"unfreeze_last must be >= 0, got {unfreeze_last}")
+        raise InputError(f"unfreeze_last must be >= 0, got {unfreeze_last}")
     if unfreeze_last == 0:
         freeze(trunk, include_bn_running_stats=freeze_bn)
         return
     groups = group_modules(trunk, trunk.group_matcher(coarse=True))
     if unfreeze_last >= len(groups):
-        raise ValueError(f"unfreeze_last={unfreeze_last} but {type(trunk).__name__} has only {len(groups)} layer "
-                         "groups; use freeze=False to train the whole tower")
+        raise InputError(
+            f"unfreeze_last={unfreeze_last} but {type(trunk).__name__} has only {len(groups)} layer "
+            "groups; use freeze=False to train the whole tower"
+        )
     frozen_ids = sorted(groups)[: len(groups) - unfreeze_last]
     frozen = [name for group_id in frozen_ids for name in groups[group_id]]
     freeze(trunk, submodules=frozen, include_bn_running_stats=freeze_bn)

@@ -9,9 +9,11 @@ The split lets training cache backbone features once and train only the heads:
 and likewise ``text_features`` / ``text_head`` / ``encode_text`` for tokens from ``tokenize``. ``embed_images`` and
 ``embed_texts`` are the batched, eval-mode, no-grad numpy conveniences used by search and evaluation.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,19 +23,22 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from metrank.encoders.transforms import check_pixels
+from metrank.errors import InputError
 
-ImageInput = Union[Image.Image, str]
+ImageInput = Image.Image | str
 
 
-def check_texts(texts: Sequence[str]) -> List[str]:
+def check_texts(texts: Sequence[str]) -> list[str]:
     """``texts`` as a list, or a ``ValueError`` naming the positions of empty / non-string entries."""
     if isinstance(texts, str):
         texts = [texts]
     texts = list(texts)
     bad = [i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
     if bad:
-        raise ValueError(f"texts must be non-empty strings; got empty or non-string text at positions {bad[:10]}"
-                         f"{' ...' if len(bad) > 10 else ''} (drop them or give them a caption)")
+        raise InputError(
+            f"texts must be non-empty strings; got empty or non-string text at positions {bad[:10]}"
+            f"{' ...' if len(bad) > 10 else ''} (drop them or give them a caption)"
+        )
     return texts
 
 
@@ -62,19 +67,20 @@ class RetrievalModel(nn.Module):
         embed_dim: int,
         image_transform: Callable[[Image.Image], torch.Tensor],
         train_image_transform: Callable[[Image.Image], torch.Tensor],
-        config: Dict[str, Any],
-        text_backbone: Optional[nn.Module] = None,
-        text_projection: Optional[nn.Module] = None,
-        tokenizer: Optional[Callable[[List[str]], torch.Tensor]] = None,
+        config: dict[str, Any],
+        text_backbone: nn.Module | None = None,
+        text_projection: nn.Module | None = None,
+        tokenizer: Callable[[list[str]], torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
         if (text_backbone is None) != (tokenizer is None):
-            raise ValueError("a text tower needs both a text backbone and a tokenizer")
+            raise InputError("a text tower needs both a text backbone and a tokenizer")
         self.image_backbone = image_backbone
         self.image_projection = image_projection
         self.text_backbone = text_backbone
-        self.text_projection = text_projection if text_projection is not None else (
-            nn.Identity() if text_backbone is not None else None)
+        self.text_projection = (
+            text_projection if text_projection is not None else (nn.Identity() if text_backbone is not None else None)
+        )
         self.embed_dim = int(embed_dim)
         self.image_transform = image_transform
         self.train_image_transform = train_image_transform
@@ -106,15 +112,17 @@ class RetrievalModel(nn.Module):
     # ------------------------------------------------------------------------------------------------ text tower
     def _require_text(self) -> None:
         if not self.has_text:
-            raise ValueError(f"model {self.config.get('name')!r} has no text tower; use an image-text model such "
-                             "as 'lite0-minilm' or 'open_clip/<config>'")
+            raise InputError(
+                f"model {self.config.get('name')!r} has no text tower; use an image-text model such "
+                "as 'lite0-minilm' or 'open_clip/<config>'"
+            )
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         """Token ids ``[B, L]`` for ``texts``; empty or whitespace-only strings raise ``ValueError``."""
         self._require_text()
         texts = check_texts(texts)
         if not texts:
-            raise ValueError("tokenize() got no texts")
+            raise InputError("tokenize() got no texts")
         return self._tokenizer(texts)
 
     def text_features(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -131,7 +139,7 @@ class RetrievalModel(nn.Module):
         """L2-normalised text embeddings ``[B, D]``."""
         return F.normalize(self.text_head(self.text_features(tokens)), dim=-1)
 
-    def forward(self, pixels: Optional[torch.Tensor] = None, tokens: Optional[torch.Tensor] = None):
+    def forward(self, pixels: torch.Tensor | None = None, tokens: torch.Tensor | None = None):
         """``(encode_image(pixels), encode_text(tokens))``; either may be ``None``."""
         image = self.encode_image(pixels) if pixels is not None else None
         text = self.encode_text(tokens) if tokens is not None else None
@@ -139,11 +147,17 @@ class RetrievalModel(nn.Module):
 
     # ------------------------------------------------------------------------------------------- numpy helpers
     @torch.no_grad()
-    def _embed(self, items: Sequence[Any], batch_size: int, progress: bool, desc: str,
-               to_batch: Callable[[Sequence[Any]], torch.Tensor],
-               encode: Callable[[torch.Tensor], torch.Tensor]) -> np.ndarray:
+    def _embed(
+        self,
+        items: Sequence[Any],
+        batch_size: int,
+        progress: bool,
+        desc: str,
+        to_batch: Callable[[Sequence[Any]], torch.Tensor],
+        encode: Callable[[torch.Tensor], torch.Tensor],
+    ) -> np.ndarray:
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise InputError(f"batch_size must be >= 1, got {batch_size}")
         was_training = self.training
         self.eval()
         try:
@@ -151,7 +165,7 @@ class RetrievalModel(nn.Module):
             chunks = []
             starts = range(0, len(items), batch_size)
             for start in tqdm(starts, desc=desc, disable=not progress, unit="batch"):
-                chunks.append(encode(to_batch(items[start:start + batch_size]).to(device)).float().cpu().numpy())
+                chunks.append(encode(to_batch(items[start : start + batch_size]).to(device)).float().cpu().numpy())
         finally:
             self.train(was_training)
         if not chunks:

@@ -5,10 +5,13 @@
   Tolias, Chum, "Fine-tuning CNN Image Retrieval with No Human Annotation", TPAMI 2018. ``p = 1`` is avg,
   ``p -> inf`` approaches max.
 """
+
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from metrank.errors import InputError
 
 POOLING_TYPES = ("avg", "max", "gem")
 
@@ -19,7 +22,7 @@ class GeneralizedMeanPooling(nn.Module):
     def __init__(self, p: float = 3.0, eps: float = 1e-6) -> None:
         super().__init__()
         if p <= 0:
-            raise ValueError(f"GeM exponent p must be > 0, got {p}")
+            raise InputError(f"GeM exponent p must be > 0, got {p}")
         self.p = nn.Parameter(torch.tensor(float(p)))
         self.eps = eps
 
@@ -44,12 +47,14 @@ def create_pooling(kind: str) -> nn.Module:
         return GeneralizedMeanPooling()
     if kind in ("avg", "max"):
         return GlobalPool2d(kind)
-    raise ValueError(f"unknown pooling {kind!r}; valid: {', '.join(POOLING_TYPES)}")
+    raise InputError(f"unknown pooling {kind!r}; valid: {', '.join(POOLING_TYPES)}")
 
 
 def replace_timm_pooling(trunk: nn.Module, kind: str) -> None:
     """Swap the global pool of a timm CNN (a model with a ``global_pool`` module and no classifier) for ``kind``."""
     if not isinstance(getattr(trunk, "global_pool", None), nn.Module):
-        raise ValueError(f"pooling={kind!r} needs a CNN with a global_pool module; "
-                         f"{type(trunk).__name__} pools its own way (use pooling=None)")
+        raise InputError(
+            f"pooling={kind!r} needs a CNN with a global_pool module; "
+            f"{type(trunk).__name__} pools its own way (use pooling=None)"
+        )
     trunk.global_pool = create_pooling(kind)

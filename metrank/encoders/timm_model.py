@@ -1,8 +1,7 @@
 """Image-only towers from timm: ``"timm/<name>"`` and ``"lite0"`` (EfficientNet-Lite0 with the packaged
 ImageNet weights), each a pooled trunk plus a projection head."""
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import timm
 from timm.data import resolve_data_config
@@ -12,9 +11,14 @@ from metrank.encoders.factory import MODELS, Pretrained
 from metrank.encoders.freezing import freeze_timm_trunk
 from metrank.encoders.model import RetrievalModel
 from metrank.encoders.pooling import replace_timm_pooling
-from metrank.encoders.pretrained import (LITE0_PREPROCESS, LITE0_TIMM_NAME, load_lite0_imagenet_weights,
-                                         local_weights_file)
+from metrank.encoders.pretrained import (
+    LITE0_PREPROCESS,
+    LITE0_TIMM_NAME,
+    load_lite0_imagenet_weights,
+    local_weights_file,
+)
 from metrank.encoders.transforms import build_image_transforms
+from metrank.errors import InputError
 
 PROJECTIONS = ("linear", "mlp", "none")
 
@@ -24,11 +28,12 @@ def create_projection(kind: str, in_dim: int, out_dim: int, drop: float = 0.0) -
     if kind == "linear":
         return nn.Sequential(nn.Dropout(drop), nn.Linear(in_dim, out_dim, bias=False))
     if kind == "mlp":
-        return nn.Sequential(nn.Linear(in_dim, 2 * out_dim), nn.GELU(), nn.Dropout(drop),
-                             nn.Linear(2 * out_dim, out_dim, bias=False))
+        return nn.Sequential(
+            nn.Linear(in_dim, 2 * out_dim), nn.GELU(), nn.Dropout(drop), nn.Linear(2 * out_dim, out_dim, bias=False)
+        )
     if kind == "none":
         return nn.Identity()
-    raise ValueError(f"unknown projection {kind!r}; valid: {', '.join(PROJECTIONS)}")
+    raise InputError(f"unknown projection {kind!r}; valid: {', '.join(PROJECTIONS)}")
 
 
 def create_timm_trunk(arch: str, pretrained: Pretrained) -> nn.Module:
@@ -36,7 +41,7 @@ def create_timm_trunk(arch: str, pretrained: Pretrained) -> nn.Module:
     a local file (``pretrained=<path>``), timm's own source (``True``: needs a model hub or a warm cache; with
     ``HF_HUB_OFFLINE=1`` a missing file fails at once instead of after network retries)."""
     if not timm.is_model(arch.split(".")[0]):
-        raise ValueError(f"unknown timm model {arch!r} (see timm.list_models())")
+        raise InputError(f"unknown timm model {arch!r} (see timm.list_models())")
     if not pretrained:
         return timm.create_model(arch, pretrained=False, num_classes=0)
     if isinstance(pretrained, str):
@@ -47,16 +52,26 @@ def create_timm_trunk(arch: str, pretrained: Pretrained) -> nn.Module:
     try:
         return timm.create_model(arch, pretrained=True, num_classes=0)
     except Exception as err:  # hub unreachable, no weights for this name, ...
-        raise ValueError(f"no offline pretrained weights for timm/{arch} ({type(err).__name__}: {err}); pass "
-                         "pretrained=False, or pretrained='<local checkpoint path>'; offline weights exist for "
-                         f"timm/{LITE0_TIMM_NAME} ('lite0')") from None
+        raise InputError(
+            f"no offline pretrained weights for timm/{arch} ({type(err).__name__}: {err}); pass "
+            "pretrained=False, or pretrained='<local checkpoint path>'; offline weights exist for "
+            f"timm/{LITE0_TIMM_NAME} ('lite0')"
+        ) from None
 
 
 @MODELS.register("timm")
-def build_timm_model(arch: str, pretrained: Pretrained = True, embed_dim: int = 256, projection: str = "linear",
-                     pooling: Optional[str] = None, image_size: Optional[int] = None, drop: float = 0.0,
-                     freeze_image: bool = False, unfreeze_image_last: int = 0, freeze_bn: bool = True
-                     ) -> RetrievalModel:
+def build_timm_model(
+    arch: str,
+    pretrained: Pretrained = True,
+    embed_dim: int = 256,
+    projection: str = "linear",
+    pooling: str | None = None,
+    image_size: int | None = None,
+    drop: float = 0.0,
+    freeze_image: bool = False,
+    unfreeze_image_last: int = 0,
+    freeze_bn: bool = True,
+) -> RetrievalModel:
     """Image-only ``RetrievalModel`` around timm model ``arch``.
 
     ``pooling`` ``"avg"|"max"|"gem"`` replaces a CNN's global pool (``None`` keeps the model's own);
@@ -73,16 +88,30 @@ def build_timm_model(arch: str, pretrained: Pretrained = True, embed_dim: int = 
     if arch == LITE0_TIMM_NAME:
         data_cfg.update(LITE0_PREPROCESS)
     size = int(image_size or data_cfg["input_size"][-1])
-    eval_transform, train_transform = build_image_transforms(size, data_cfg["mean"], data_cfg["std"],
-                                                             data_cfg.get("interpolation", "bicubic"))
+    eval_transform, train_transform = build_image_transforms(
+        size, data_cfg["mean"], data_cfg["std"], data_cfg.get("interpolation", "bicubic")
+    )
     head = create_projection(projection, trunk.num_features, embed_dim, drop)
     out_dim = trunk.num_features if projection == "none" else embed_dim
     return RetrievalModel(trunk, head, out_dim, eval_transform, train_transform, config={})
 
 
 @MODELS.register("lite0")
-def build_lite0(pretrained: Pretrained = True, embed_dim: int = 256, projection: str = "linear",
-                pooling: str = "avg", image_size: int = 224, **kwargs) -> RetrievalModel:
+def build_lite0(
+    pretrained: Pretrained = True,
+    embed_dim: int = 256,
+    projection: str = "linear",
+    pooling: str = "avg",
+    image_size: int = 224,
+    **kwargs,
+) -> RetrievalModel:
     """EfficientNet-Lite0 (timm ``tf_efficientnet_lite0``, packaged ImageNet weights) + projection head."""
-    return build_timm_model(LITE0_TIMM_NAME, pretrained=pretrained, embed_dim=embed_dim, projection=projection,
-                            pooling=pooling, image_size=image_size, **kwargs)
+    return build_timm_model(
+        LITE0_TIMM_NAME,
+        pretrained=pretrained,
+        embed_dim=embed_dim,
+        projection=projection,
+        pooling=pooling,
+        image_size=image_size,
+        **kwargs,
+    )

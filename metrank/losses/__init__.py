@@ -4,6 +4,7 @@
 ``create_loss(name, **kw)`` builds one by name; :class:`CrossModalLoss` turns any of them into the symmetric
 image↔text form ``loss(image_emb, text_emb, ids)`` with global negatives under DDP.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -38,6 +39,16 @@ def create_loss(name: str, **kwargs: Any) -> nn.Module:
     return LOSSES.create(name, **kwargs)
 
 
-__all__ = ["LOSSES", "create_loss", "CrossModalLoss", "CrossModalQuadrupletLoss", "HardNegativeLoss",
-           "InfoNCELoss", "MultipleNegativesRankingLoss", "NoValidTupleWarning", "QuadrupletLoss",
-           "TripletAlignmentLoss", "TripletMarginLoss"]
+__all__ = [
+    "LOSSES",
+    "create_loss",
+    "CrossModalLoss",
+    "CrossModalQuadrupletLoss",
+    "HardNegativeLoss",
+    "InfoNCELoss",
+    "MultipleNegativesRankingLoss",
+    "NoValidTupleWarning",
+    "QuadrupletLoss",
+    "TripletAlignmentLoss",
+    "TripletMarginLoss",
+]

@@ -6,19 +6,21 @@ rows of ``ref_emb``. Without ``ref_emb`` the reference set is ``embeddings`` its
 neither a positive nor a negative; an explicit ``ref_emb`` (even the same tensor) is a separate reference set, so
 ``(i, i)`` is compared like any other pair. All losses take L2-normalised embeddings; ``S = embeddings @ ref_embᵀ`` is the cosine similarity.
 """
+
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
 
 import torch
 from pytorch_metric_learning import distances as pml_distances
 from pytorch_metric_learning import reducers as pml_reducers
 
+from metrank.errors import InputError
 from metrank.validation import check_embeddings, check_labels
 
-IndicesTuple = Tuple[torch.Tensor, ...]
+IndicesTuple = tuple[torch.Tensor, ...]
 REDUCTIONS = ("mean_active", "mean", "sum")
 DISTANCES = ("euclidean", "cosine")
 
@@ -44,36 +46,42 @@ def check_normalized(x: torch.Tensor, name: str = "embeddings") -> torch.Tensor:
     norms = x.detach().float().norm(dim=1)
     bad = ((norms - 1).abs() > tol).nonzero().flatten()
     if bad.numel():
-        raise ValueError(f"{name} must be L2-normalised (rows {bad[:5].tolist()} have norms "
-                         f"{norms[bad[:5]].tolist()}); apply torch.nn.functional.normalize(x, dim=1) first")
+        raise InputError(
+            f"{name} must be L2-normalised (rows {bad[:5].tolist()} have norms "
+            f"{norms[bad[:5]].tolist()}); apply torch.nn.functional.normalize(x, dim=1) first"
+        )
     return x
 
 
-def prepare_inputs(embeddings: torch.Tensor, labels: torch.Tensor, ref_emb: Optional[torch.Tensor] = None,
-                   ref_labels: Optional[torch.Tensor] = None) -> LossInputs:
+def prepare_inputs(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    ref_emb: torch.Tensor | None = None,
+    ref_labels: torch.Tensor | None = None,
+) -> LossInputs:
     """Validate PML-convention inputs (finite, normalised floats; integer labels of matching length)."""
     check_embeddings(embeddings, "embeddings")
     check_normalized(embeddings, "embeddings")
     if not isinstance(labels, torch.Tensor):
-        raise ValueError(f"labels must be a torch tensor, got {type(labels).__name__}")
+        raise InputError(f"labels must be a torch tensor, got {type(labels).__name__}")
     check_labels(labels, embeddings.shape[0], "labels")
     if ref_emb is None:
         if ref_labels is not None and ref_labels is not labels and not torch.equal(ref_labels, labels):
-            raise ValueError("ref_labels was given without ref_emb; pass ref_emb too or drop ref_labels")
+            raise InputError("ref_labels was given without ref_emb; pass ref_emb too or drop ref_labels")
         return LossInputs(embeddings, labels, embeddings, labels, True)
     check_embeddings(ref_emb, "ref_emb", dim=embeddings.shape[1])
     check_normalized(ref_emb, "ref_emb")
     if ref_labels is None:
-        raise ValueError("ref_emb needs ref_labels (the label of every reference row)")
+        raise InputError("ref_emb needs ref_labels (the label of every reference row)")
     if not isinstance(ref_labels, torch.Tensor):
-        raise ValueError(f"ref_labels must be a torch tensor, got {type(ref_labels).__name__}")
+        raise InputError(f"ref_labels must be a torch tensor, got {type(ref_labels).__name__}")
     check_labels(ref_labels, ref_emb.shape[0], "ref_labels")
     return LossInputs(embeddings, labels, ref_emb, ref_labels, False)
 
 
 def check_choice(value: str, choices: Sequence[str], name: str) -> str:
     if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        raise InputError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
     return value
 
 
@@ -105,7 +113,7 @@ def ranking_distance(x: torch.Tensor, y: torch.Tensor, distance: str) -> torch.T
     return torch.cdist(x, y) if distance == "euclidean" else -similarity_matrix(x, y)
 
 
-def label_masks(inputs: LossInputs) -> Tuple[torch.Tensor, torch.Tensor]:
+def label_masks(inputs: LossInputs) -> tuple[torch.Tensor, torch.Tensor]:
     """Boolean B×M masks ``(positive, negative)`` from ``labels`` vs ``ref_labels``; self-pairs excluded."""
     pos = inputs.labels[:, None] == inputs.ref_labels[None, :]
     neg = ~pos
@@ -114,7 +122,7 @@ def label_masks(inputs: LossInputs) -> Tuple[torch.Tensor, torch.Tensor]:
     return pos, neg
 
 
-def pair_masks(inputs: LossInputs, indices_tuple: Optional[IndicesTuple] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def pair_masks(inputs: LossInputs, indices_tuple: IndicesTuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Positive/negative masks from labels, or restricted to the pairs of a miner's ``indices_tuple``.
 
     ``(a, p, n)`` and ``(a1, p, a2, n)`` give both masks; ``(a, n)`` (e.g. ``topk_hardest``) keeps the label
@@ -134,15 +142,18 @@ def pair_masks(inputs: LossInputs, indices_tuple: Optional[IndicesTuple] = None)
     elif len(indices_tuple) == 4:
         a1, p, a2, n = indices_tuple
     else:
-        raise ValueError(f"indices_tuple must have 2, 3 or 4 index tensors, got {len(indices_tuple)}")
+        raise InputError(f"indices_tuple must have 2, 3 or 4 index tensors, got {len(indices_tuple)}")
     mined_pos, mined_neg = torch.zeros_like(pos), torch.zeros_like(neg)
     mined_pos[a1, p] = True
     mined_neg[a2, n] = True
     return pos & mined_pos, neg & mined_neg
 
 
-_PML_REDUCERS = {"mean_active": pml_reducers.AvgNonZeroReducer, "mean": pml_reducers.MeanReducer,
-                 "sum": pml_reducers.SumReducer}
+_PML_REDUCERS = {
+    "mean_active": pml_reducers.AvgNonZeroReducer,
+    "mean": pml_reducers.MeanReducer,
+    "sum": pml_reducers.SumReducer,
+}
 
 
 def create_reducer(reduction: str) -> pml_reducers.BaseReducer:

@@ -17,13 +17,13 @@ With S the cosine similarity matrix of a batch, D = max(2 - 2S, 0) and labels Y 
    ``L_con = mean_active([m_pos - S]_+ over positives) + mean_active([S - m_neg]_+ over negatives)``, where
    mean_active averages over the non-zero hinges (0 when none is active).
 """
-from __future__ import annotations
 
-from typing import Optional, Tuple
+from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
+from metrank.errors import InputError
 from metrank.losses import LOSSES
 from metrank.losses.base import prepare_inputs
 
@@ -91,21 +91,38 @@ class ContextualLoss(nn.Module):
         margins. gain: straight-through gradient of the k-NN step.
     """
 
-    def __init__(self, lam: float = 0.4, gamma: float = 0.1, k: int = 4, eps: float = 0.05, s_reg: float = 0.25,
-                 pos_margin: float = 0.75, neg_margin: float = 0.6, gain: float = 10.0) -> None:
+    def __init__(
+        self,
+        lam: float = 0.4,
+        gamma: float = 0.1,
+        k: int = 4,
+        eps: float = 0.05,
+        s_reg: float = 0.25,
+        pos_margin: float = 0.75,
+        neg_margin: float = 0.6,
+        gain: float = 10.0,
+    ) -> None:
         super().__init__()
         if k < 2:
-            raise ValueError(f"k must be >= 2 (query expansion uses k // 2 neighbours), got {k}")
+            raise InputError(f"k must be >= 2 (query expansion uses k // 2 neighbours), got {k}")
         if not (0.0 <= lam and 0.0 <= gamma and lam + gamma <= 1.0):
-            raise ValueError(f"need lam >= 0, gamma >= 0 and lam + gamma <= 1, got lam={lam}, gamma={gamma}")
+            raise InputError(f"need lam >= 0, gamma >= 0 and lam + gamma <= 1, got lam={lam}, gamma={gamma}")
         self.lam, self.gamma, self.k, self.eps, self.s_reg = lam, gamma, k, eps, s_reg
         self.pos_margin, self.neg_margin, self.gain = pos_margin, neg_margin, gain
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, indices_tuple: Optional[Tuple] = None,
-                ref_emb: Optional[torch.Tensor] = None, ref_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        indices_tuple: tuple | None = None,
+        ref_emb: torch.Tensor | None = None,
+        ref_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if indices_tuple is not None:
-            raise ValueError("ContextualLoss uses every pair of the batch; indices_tuple (mined pairs) is not "
-                             "supported - drop the miner")
+            raise InputError(
+                "ContextualLoss uses every pair of the batch; indices_tuple (mined pairs) is not "
+                "supported - drop the miner"
+            )
         inputs = prepare_inputs(embeddings, labels, ref_emb, ref_labels)
         n = embeddings.shape[0]
         if not inputs.self_ref:  # union of the two sets; the loss keeps the query x reference block
@@ -132,6 +149,8 @@ class ContextualLoss(nn.Module):
         smallest = int(counts.min())
         if smallest < self.k:
             short = classes[counts < self.k][:5].tolist()
-            raise ValueError(f"ContextualLoss(k={self.k}) needs at least k samples of every class in the batch, but "
-                             f"class(es) {short} have only {smallest}; sample P x K batches with K >= {self.k} "
-                             f"(metrank.samplers.PKBatchSampler) or lower k")
+            raise InputError(
+                f"ContextualLoss(k={self.k}) needs at least k samples of every class in the batch, but "
+                f"class(es) {short} have only {smallest}; sample P x K batches with K >= {self.k} "
+                f"(metrank.samplers.PKBatchSampler) or lower k"
+            )

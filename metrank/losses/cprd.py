@@ -24,14 +24,16 @@ for the same rows (anything :func:`metrank.teachers.take_rows` indexes), ``text_
 are computed without gradient; the teacher is not a submodule of the loss (its parameters stay out of
 ``loss.parameters()``). The distillation term uses this rank's batch only; the InfoNCE term handles DDP itself.
 """
+
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from metrank.errors import InputError
 from metrank.losses import LOSSES
 from metrank.losses.cross_modal import CrossModalLoss, check_pairs
 from metrank.losses.infonce import InfoNCELoss
@@ -41,8 +43,13 @@ from metrank.teachers import CachedTeacher, Teacher, take_rows
 _FILL = -1e9  # finite stand-in for -inf: keeps masked log-sum-exp gradients free of NaN
 
 
-def valid_prefix(teacher_sorted: torch.Tensor, teacher_pos: torch.Tensor, fn_threshold: Optional[float] = None,
-                 min_gap: float = 0.0, max_length: Optional[int] = None) -> torch.Tensor:
+def valid_prefix(
+    teacher_sorted: torch.Tensor,
+    teacher_pos: torch.Tensor,
+    fn_threshold: float | None = None,
+    min_gap: float = 0.0,
+    max_length: int | None = None,
+) -> torch.Tensor:
     """Mask [n, K] of the kept negatives given teacher scores sorted descending per row (step 3 of the module doc).
 
     A negative is a false negative when its teacher score is >= the true pair's score ``teacher_pos`` or
@@ -74,20 +81,19 @@ class _HardNegativeDistillation(nn.Module):
     """Shared part of CPRD and logit distillation: InfoNCE + mining + teacher scoring; subclasses define
     ``distill(student [n, K], teacher [n, K], teacher_pos [n]) -> per-query loss [n]``."""
 
-    def __init__(self, teacher: Teacher, k: int, lam: float, itc: Optional[nn.Module],
-                 temperature: Optional[float]) -> None:
+    def __init__(self, teacher: Teacher, k: int, lam: float, itc: nn.Module | None, temperature: float | None) -> None:
         super().__init__()
         if k < 1:
-            raise ValueError(f"k (hard negatives per query) must be >= 1, got {k}")
+            raise InputError(f"k (hard negatives per query) must be >= 1, got {k}")
         if temperature is not None and temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+            raise InputError(f"temperature must be > 0, got {temperature}")
         self.__dict__["teacher"] = teacher  # not a submodule: the student optimiser must not see its parameters
         self.k, self.lam, self.temperature = k, lam, temperature
         self.itc = CrossModalLoss(InfoNCELoss()) if itc is None else itc
         infonce = next((m for m in self.itc.modules() if isinstance(m, InfoNCELoss)), None)
         self.__dict__["_infonce"] = infonce  # a view into self.itc, not a second submodule
         if temperature is None and infonce is None:
-            raise ValueError("itc holds no InfoNCELoss to share the temperature with; pass temperature=")
+            raise InputError("itc holds no InfoNCELoss to share the temperature with; pass temperature=")
         self.miner = create_miner("topk_hardest", k=k)
 
     def student_temperature(self) -> float:
@@ -96,18 +102,32 @@ class _HardNegativeDistillation(nn.Module):
             return self.temperature
         return 1.0 / float(self._infonce.scale.detach())
 
-    def forward(self, image_emb: torch.Tensor, text_emb: torch.Tensor, ids: torch.Tensor, images: Any = None,
-                texts: Any = None, text_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self,
+        image_emb: torch.Tensor,
+        text_emb: torch.Tensor,
+        ids: torch.Tensor,
+        images: Any = None,
+        texts: Any = None,
+        text_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         check_pairs(image_emb, text_emb, ids)
         if images is None or texts is None:
-            raise ValueError("the teacher needs its inputs: pass images= and texts= (one row per batch item)")
+            raise InputError("the teacher needs its inputs: pass images= and texts= (one row per batch item)")
         if isinstance(self.teacher, CachedTeacher) and text_ids is None:
-            raise ValueError("a CachedTeacher caches by (image id, text id): pass text_ids= (caption id per row)")
+            raise InputError("a CachedTeacher caches by (image id, text id): pass text_ids= (caption id per row)")
         itc = self.itc(image_emb, text_emb, ids)
         return itc + self.lam * self.distillation(image_emb, text_emb, ids, images, texts, text_ids)
 
-    def distillation(self, image_emb: torch.Tensor, text_emb: torch.Tensor, ids: torch.Tensor, images: Any,
-                     texts: Any, text_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def distillation(
+        self,
+        image_emb: torch.Tensor,
+        text_emb: torch.Tensor,
+        ids: torch.Tensor,
+        images: Any,
+        texts: Any,
+        text_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The distillation term alone, averaged over the queries of both directions."""
         ids = ids.to(image_emb.device)
         dtype = torch.promote_types(image_emb.dtype, torch.float32)
@@ -121,13 +141,21 @@ class _HardNegativeDistillation(nn.Module):
         image_rows = torch.cat([rows, rows.repeat_interleave(k), t2i.flatten()])
         text_rows = torch.cat([rows, i2t.flatten(), rows.repeat_interleave(k)])
         scores = self._teacher_scores(images, texts, image_rows, text_rows, ids, text_ids).to(sim.device)
-        pos, t_i2t, t_t2i = scores[:n], scores[n:n + n * k].view(n, k), scores[n + n * k:].view(n, k)
-        per_query = torch.cat([self.distill(sim.gather(1, i2t), t_i2t, pos),
-                               self.distill(sim.T.gather(1, t2i), t_t2i, pos)])
+        pos, t_i2t, t_t2i = scores[:n], scores[n : n + n * k].view(n, k), scores[n + n * k :].view(n, k)
+        per_query = torch.cat(
+            [self.distill(sim.gather(1, i2t), t_i2t, pos), self.distill(sim.T.gather(1, t2i), t_t2i, pos)]
+        )
         return per_query.mean()
 
-    def _teacher_scores(self, images: Any, texts: Any, image_rows: torch.Tensor, text_rows: torch.Tensor,
-                        ids: torch.Tensor, text_ids: Optional[torch.Tensor]) -> torch.Tensor:
+    def _teacher_scores(
+        self,
+        images: Any,
+        texts: Any,
+        image_rows: torch.Tensor,
+        text_rows: torch.Tensor,
+        ids: torch.Tensor,
+        text_ids: torch.Tensor | None,
+    ) -> torch.Tensor:
         """Teacher scores of the pairs (images[image_rows[p]], texts[text_rows[p]]), each distinct pair scored once."""
         n = max(int(image_rows.max()), int(text_rows.max())) + 1
         codes, inverse = (image_rows.cpu() * n + text_rows.cpu()).unique(return_inverse=True)
@@ -139,10 +167,11 @@ class _HardNegativeDistillation(nn.Module):
             else:
                 scores = self.teacher(take_rows(images, pairs[:, 0]), take_rows(texts, pairs[:, 1]))
         if scores.shape != (len(pairs),):
-            raise ValueError(f"the teacher must return one score per pair, shape ({len(pairs)},), got "
-                             f"{tuple(scores.shape)}")
+            raise InputError(
+                f"the teacher must return one score per pair, shape ({len(pairs)},), got {tuple(scores.shape)}"
+            )
         if not torch.isfinite(scores).all():
-            raise ValueError("the teacher returned NaN or inf scores")
+            raise InputError("the teacher returned NaN or inf scores")
         return scores.detach().to(torch.promote_types(scores.dtype, torch.float32))[inverse.to(scores.device)]
 
     def distill(self, student: torch.Tensor, teacher: torch.Tensor, teacher_pos: torch.Tensor) -> torch.Tensor:
@@ -164,14 +193,22 @@ class CPRDLoss(_HardNegativeDistillation):
         fn_threshold, min_gap, max_length: the valid-prefix rule (:func:`valid_prefix`).
     """
 
-    def __init__(self, teacher: Teacher, k: int = 8, lam: float = 1.0, itc: Optional[nn.Module] = None,
-                 temperature: Optional[float] = None, fn_threshold: Optional[float] = None, min_gap: float = 0.0,
-                 max_length: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        teacher: Teacher,
+        k: int = 8,
+        lam: float = 1.0,
+        itc: nn.Module | None = None,
+        temperature: float | None = None,
+        fn_threshold: float | None = None,
+        min_gap: float = 0.0,
+        max_length: int | None = None,
+    ) -> None:
         super().__init__(teacher, k, lam, itc, temperature)
         if min_gap < 0:
-            raise ValueError(f"min_gap must be >= 0, got {min_gap}")
+            raise InputError(f"min_gap must be >= 0, got {min_gap}")
         if max_length is not None and max_length < 2:
-            raise ValueError(f"max_length must be >= 2 (a chain needs two negatives) or None, got {max_length}")
+            raise InputError(f"max_length must be >= 2 (a chain needs two negatives) or None, got {max_length}")
         self.fn_threshold, self.min_gap, self.max_length = fn_threshold, min_gap, max_length
 
     def distill(self, student: torch.Tensor, teacher: torch.Tensor, teacher_pos: torch.Tensor) -> torch.Tensor:
@@ -186,11 +223,18 @@ class LogitDistillationLoss(_HardNegativeDistillation):
     over the same K hardest negatives CPRD uses (teacher scores t, student similarities s, tau the InfoNCE
     temperature); ``L = L_itc + lam * L_kd``. No T^2 factor."""
 
-    def __init__(self, teacher: Teacher, k: int = 8, lam: float = 1.0, itc: Optional[nn.Module] = None,
-                 temperature: Optional[float] = None, teacher_temperature: float = 1.0) -> None:
+    def __init__(
+        self,
+        teacher: Teacher,
+        k: int = 8,
+        lam: float = 1.0,
+        itc: nn.Module | None = None,
+        temperature: float | None = None,
+        teacher_temperature: float = 1.0,
+    ) -> None:
         super().__init__(teacher, k, lam, itc, temperature)
         if teacher_temperature <= 0:
-            raise ValueError(f"teacher_temperature must be > 0, got {teacher_temperature}")
+            raise InputError(f"teacher_temperature must be > 0, got {teacher_temperature}")
         self.teacher_temperature = teacher_temperature
 
     def distill(self, student: torch.Tensor, teacher: torch.Tensor, teacher_pos: torch.Tensor) -> torch.Tensor:

@@ -1,12 +1,12 @@
 """Symmetric image↔text form of any PML-convention loss, with global negatives under DDP."""
-from __future__ import annotations
 
-from typing import Tuple
+from __future__ import annotations
 
 import torch
 from torch import nn
 
 from metrank.distributed import all_gather_no_grad, all_gather_with_grad
+from metrank.errors import InputError
 from metrank.losses.base import check_choice
 from metrank.validation import check_embeddings, check_labels
 
@@ -16,22 +16,32 @@ def check_pairs(image_emb: torch.Tensor, text_emb: torch.Tensor, ids: torch.Tens
     check_embeddings(image_emb, "image_emb")
     check_embeddings(text_emb, "text_emb", dim=image_emb.shape[1])
     if text_emb.shape[0] != image_emb.shape[0]:
-        raise ValueError(f"image_emb has {image_emb.shape[0]} rows but text_emb has {text_emb.shape[0]}; "
-                         "row i of both must be a matching pair")
+        raise InputError(
+            f"image_emb has {image_emb.shape[0]} rows but text_emb has {text_emb.shape[0]}; "
+            "row i of both must be a matching pair"
+        )
     if not isinstance(ids, torch.Tensor):
-        raise ValueError(f"ids must be a torch tensor, got {type(ids).__name__}")
+        raise InputError(f"ids must be a torch tensor, got {type(ids).__name__}")
     check_labels(ids, image_emb.shape[0], "ids")
 
 
-def gather_pairs(image_emb: torch.Tensor, text_emb: torch.Tensor,
-                 ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def gather_pairs(
+    image_emb: torch.Tensor, text_emb: torch.Tensor, ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """All ranks' embeddings (with gradient back to the owning rank) and ids; identity without DDP."""
     return all_gather_with_grad(image_emb), all_gather_with_grad(text_emb), all_gather_no_grad(ids)
 
 
-def symmetric_loss(loss: nn.Module, image_emb: torch.Tensor, text_emb: torch.Tensor, ids: torch.Tensor,
-                   image_ref: torch.Tensor, text_ref: torch.Tensor, ref_ids: torch.Tensor,
-                   combine: str = "mean") -> torch.Tensor:
+def symmetric_loss(
+    loss: nn.Module,
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    ids: torch.Tensor,
+    image_ref: torch.Tensor,
+    text_ref: torch.Tensor,
+    ref_ids: torch.Tensor,
+    combine: str = "mean",
+) -> torch.Tensor:
     """``loss(img → text_ref) ⊕ loss(text → image_ref)`` with ``⊕`` = half-sum (``"mean"``) or sum."""
     i2t = loss(image_emb, ids, ref_emb=text_ref, ref_labels=ref_ids)
     t2i = loss(text_emb, ids, ref_emb=image_ref, ref_labels=ref_ids)

@@ -1,14 +1,21 @@
 """Hinge losses on the hardest negatives for image–text matching: VSE++ max-violation and its soft form TAL (RDE)."""
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metrank.losses.base import (IndicesTuple, create_reducer, pair_masks, prepare_inputs, reduce_losses,
-                                 similarity_matrix, zero_loss)
+from metrank.errors import InputError
+from metrank.losses.base import (
+    IndicesTuple,
+    create_reducer,
+    pair_masks,
+    prepare_inputs,
+    reduce_losses,
+    similarity_matrix,
+    zero_loss,
+)
 
 
 class HardNegativeLoss(nn.Module):
@@ -27,11 +34,12 @@ class HardNegativeLoss(nn.Module):
     forwards it). The counter is a buffer, so it is saved in checkpoints.
     """
 
-    def __init__(self, margin: float = 0.2, max_violation: bool = True, warmup_steps: int = 0,
-                 reduction: str = "mean") -> None:
+    def __init__(
+        self, margin: float = 0.2, max_violation: bool = True, warmup_steps: int = 0, reduction: str = "mean"
+    ) -> None:
         super().__init__()
         if warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+            raise InputError(f"warmup_steps must be >= 0, got {warmup_steps}")
         self.margin = float(margin)
         self.max_violation = max_violation
         self.warmup_steps = int(warmup_steps)
@@ -46,14 +54,21 @@ class HardNegativeLoss(nn.Module):
     def uses_max_violation(self) -> bool:
         return self.max_violation and int(self.steps_done) >= self.warmup_steps
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, indices_tuple: Optional[IndicesTuple] = None,
-                ref_emb: Optional[torch.Tensor] = None, ref_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        indices_tuple: IndicesTuple | None = None,
+        ref_emb: torch.Tensor | None = None,
+        ref_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         inputs = prepare_inputs(embeddings, labels, ref_emb, ref_labels)
         pos, neg = pair_masks(inputs, indices_tuple)
         a, p = (pos & neg.any(1, keepdim=True)).nonzero(as_tuple=True)
         if a.numel() == 0:
-            return zero_loss(inputs.embeddings, inputs.ref_emb,
-                             reason="no positive pair with at least one negative in the batch")
+            return zero_loss(
+                inputs.embeddings, inputs.ref_emb, reason="no positive pair with at least one negative in the batch"
+            )
         sim = similarity_matrix(inputs.embeddings, inputs.ref_emb)
         s_ap = sim[a, p]
         if self.uses_max_violation:
@@ -79,19 +94,26 @@ class TripletAlignmentLoss(nn.Module):
     def __init__(self, tau: float = 0.015, margin: float = 0.1, reduction: str = "mean") -> None:
         super().__init__()
         if tau <= 0:
-            raise ValueError(f"tau must be > 0, got {tau}")
+            raise InputError(f"tau must be > 0, got {tau}")
         self.tau = float(tau)
         self.margin = float(margin)
         self.reducer = create_reducer(reduction)
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, indices_tuple: Optional[IndicesTuple] = None,
-                ref_emb: Optional[torch.Tensor] = None, ref_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        indices_tuple: IndicesTuple | None = None,
+        ref_emb: torch.Tensor | None = None,
+        ref_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         inputs = prepare_inputs(embeddings, labels, ref_emb, ref_labels)
         pos, neg = pair_masks(inputs, indices_tuple)
         rows = (pos.any(1) & neg.any(1)).nonzero().flatten()
         if rows.numel() == 0:
-            return zero_loss(inputs.embeddings, inputs.ref_emb,
-                             reason="no anchor with both a positive and a negative in the batch")
+            return zero_loss(
+                inputs.embeddings, inputs.ref_emb, reason="no anchor with both a positive and a negative in the batch"
+            )
         sim = similarity_matrix(inputs.embeddings[rows], inputs.ref_emb)
         pos, neg = pos[rows], neg[rows]
         scaled = sim / self.tau

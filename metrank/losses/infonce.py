@@ -1,14 +1,22 @@
 """Softmax cross-entropy over in-batch candidates: InfoNCE / CLIP and multiple negatives ranking."""
+
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import nn
 
-from metrank.losses.base import (IndicesTuple, LossInputs, check_normalized, pair_masks, prepare_inputs,
-                                 similarity_matrix, zero_loss)
+from metrank.errors import InputError
+from metrank.losses.base import (
+    IndicesTuple,
+    LossInputs,
+    check_normalized,
+    pair_masks,
+    prepare_inputs,
+    similarity_matrix,
+    zero_loss,
+)
 from metrank.validation import check_embeddings
 
 
@@ -28,8 +36,12 @@ def multi_positive_cross_entropy(logits: torch.Tensor, pos: torch.Tensor, neg: t
     return (torch.logaddexp(z_ap, neg_lse[a]) - z_ap).mean()
 
 
-def _forward_cross_entropy(inputs: LossInputs, indices_tuple: Optional[IndicesTuple], scale: torch.Tensor,
-                           extra_negatives: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _forward_cross_entropy(
+    inputs: LossInputs,
+    indices_tuple: IndicesTuple | None,
+    scale: torch.Tensor,
+    extra_negatives: torch.Tensor | None = None,
+) -> torch.Tensor:
     pos, neg = pair_masks(inputs, indices_tuple)
     if not pos.any():
         return zero_loss(inputs.embeddings, inputs.ref_emb, reason="no positive pair in the batch")
@@ -57,7 +69,7 @@ class InfoNCELoss(nn.Module):
     def __init__(self, temperature: float = 0.07, learnable: bool = True, max_scale: float = 100.0) -> None:
         super().__init__()
         if temperature <= 0 or max_scale <= 0:
-            raise ValueError(f"temperature and max_scale must be > 0, got {temperature} and {max_scale}")
+            raise InputError(f"temperature and max_scale must be > 0, got {temperature} and {max_scale}")
         init = torch.tensor(math.log(1.0 / temperature))
         if learnable:
             self.logit_scale = nn.Parameter(init)
@@ -69,8 +81,14 @@ class InfoNCELoss(nn.Module):
     def scale(self) -> torch.Tensor:
         return self.logit_scale.exp().clamp(max=self.max_scale)
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, indices_tuple: Optional[IndicesTuple] = None,
-                ref_emb: Optional[torch.Tensor] = None, ref_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        indices_tuple: IndicesTuple | None = None,
+        ref_emb: torch.Tensor | None = None,
+        ref_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         inputs = prepare_inputs(embeddings, labels, ref_emb, ref_labels)
         return _forward_cross_entropy(inputs, indices_tuple, self.scale.to(embeddings.dtype))
 
@@ -87,12 +105,18 @@ class MultipleNegativesRankingLoss(nn.Module):
     def __init__(self, scale: float = 20.0) -> None:
         super().__init__()
         if scale <= 0:
-            raise ValueError(f"scale must be > 0, got {scale}")
+            raise InputError(f"scale must be > 0, got {scale}")
         self.scale = float(scale)
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, indices_tuple: Optional[IndicesTuple] = None,
-                ref_emb: Optional[torch.Tensor] = None, ref_labels: Optional[torch.Tensor] = None,
-                hard_negatives: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        indices_tuple: IndicesTuple | None = None,
+        ref_emb: torch.Tensor | None = None,
+        ref_labels: torch.Tensor | None = None,
+        hard_negatives: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         inputs = prepare_inputs(embeddings, labels, ref_emb, ref_labels)
         if hard_negatives is not None:
             check_embeddings(hard_negatives, "hard_negatives", dim=embeddings.shape[1])

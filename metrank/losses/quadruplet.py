@@ -1,20 +1,30 @@
 """Quadruplet loss (Chen et al., CVPR 2017, "Beyond triplet loss") and its cross-modal CDMLMR form."""
-from __future__ import annotations
 
-from typing import Optional, Tuple
+from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from metrank.distributed import rank
-from metrank.losses.base import (IndicesTuple, check_normalized, create_reducer, label_masks, pair_masks,
-                                 prepare_inputs, reduce_losses, squared_euclidean, zero_loss)
+from metrank.errors import InputError
+from metrank.losses.base import (
+    IndicesTuple,
+    check_normalized,
+    create_reducer,
+    label_masks,
+    pair_masks,
+    prepare_inputs,
+    reduce_losses,
+    squared_euclidean,
+    zero_loss,
+)
 from metrank.losses.cross_modal import check_pairs, gather_pairs, symmetric_loss
 
 
-def hardest_anchor_free_pair(dist: torch.Tensor, pair_neg: torch.Tensor, labels: torch.Tensor,
-                             ref_labels: torch.Tensor) -> torch.Tensor:
+def hardest_anchor_free_pair(
+    dist: torch.Tensor, pair_neg: torch.Tensor, labels: torch.Tensor, ref_labels: torch.Tensor
+) -> torch.Tensor:
     """For every anchor row ``a``: ``min dist[l, k]`` over negative pairs ``(l, k)`` with neither label equal to
     ``labels[a]`` (``inf`` if none), in O(B·M).
 
@@ -44,34 +54,50 @@ class QuadrupletLoss(nn.Module):
     or "mean_active". An ``indices_tuple`` restricts the positive/negative candidates of each anchor.
     """
 
-    def __init__(self, margin1: float = 1.0, margin2: float = 0.5, adaptive: bool = False,
-                 weights: Tuple[float, float] = (1.0, 0.5), reduction: str = "mean") -> None:
+    def __init__(
+        self,
+        margin1: float = 1.0,
+        margin2: float = 0.5,
+        adaptive: bool = False,
+        weights: tuple[float, float] = (1.0, 0.5),
+        reduction: str = "mean",
+    ) -> None:
         super().__init__()
         if not adaptive and margin1 < margin2:
-            raise ValueError(f"margin1 ({margin1}) should be >= margin2 ({margin2}): the anchor-free pair term is "
-                             "the weaker push")
+            raise InputError(
+                f"margin1 ({margin1}) should be >= margin2 ({margin2}): the anchor-free pair term is the weaker push"
+            )
         self.margin1, self.margin2 = float(margin1), float(margin2)
         self.adaptive = adaptive
         self.weights = (float(weights[0]), float(weights[1]))
         self.reducer = create_reducer(reduction)
 
-    def margins(self, dist: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def margins(self, dist: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.adaptive:
             return dist.new_tensor(self.margin1), dist.new_tensor(self.margin2)
         gap = (dist.detach()[neg].mean() - dist.detach()[pos].mean()).clamp_min(0)
         return self.weights[0] * gap, self.weights[1] * gap
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, indices_tuple: Optional[IndicesTuple] = None,
-                ref_emb: Optional[torch.Tensor] = None, ref_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        indices_tuple: IndicesTuple | None = None,
+        ref_emb: torch.Tensor | None = None,
+        ref_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         inputs = prepare_inputs(embeddings, labels, ref_emb, ref_labels)
         pos, neg = pair_masks(inputs, indices_tuple)
         dist = squared_euclidean(inputs.embeddings, inputs.ref_emb)
         free = hardest_anchor_free_pair(dist, label_masks(inputs)[1], inputs.labels, inputs.ref_labels)
         anchors = (pos.any(1) & neg.any(1) & torch.isfinite(free)).nonzero().flatten()
         if anchors.numel() == 0:
-            return zero_loss(inputs.embeddings, inputs.ref_emb,
-                             reason="no valid quadruplet (an anchor needs a positive, a negative and a negative pair "
-                                    "of two other classes, i.e. >= 3 classes)")
+            return zero_loss(
+                inputs.embeddings,
+                inputs.ref_emb,
+                reason="no valid quadruplet (an anchor needs a positive, a negative and a negative pair "
+                "of two other classes, i.e. >= 3 classes)",
+            )
         alpha1, alpha2 = self.margins(dist, pos, neg)
         d = dist[anchors]
         hardest_pos = d.masked_fill(~pos[anchors], float("-inf")).amax(1)
@@ -101,15 +127,17 @@ class CrossModalQuadrupletLoss(nn.Module):
     rows as references (co-occurrence is matched by global row index).
     """
 
-    def __init__(self, quadruplet: Optional[QuadrupletLoss] = None, lam: float = 1.0,
-                 contrastive_margin: float = 1.0) -> None:
+    def __init__(
+        self, quadruplet: QuadrupletLoss | None = None, lam: float = 1.0, contrastive_margin: float = 1.0
+    ) -> None:
         super().__init__()
         self.quadruplet = quadruplet if quadruplet is not None else QuadrupletLoss()
         self.lam = float(lam)
         self.contrastive_margin = float(contrastive_margin)
 
-    def contrastive(self, anchors: torch.Tensor, refs: torch.Tensor, labels: torch.Tensor,
-                    ref_labels: torch.Tensor, offset: int) -> torch.Tensor:
+    def contrastive(
+        self, anchors: torch.Tensor, refs: torch.Tensor, labels: torch.Tensor, ref_labels: torch.Tensor, offset: int
+    ) -> torch.Tensor:
         """One direction of ``L_sscon``: anchors are this rank's rows, ``refs`` all ranks' rows of the other
         modality; local row ``i`` co-occurs with reference row ``offset + i``."""
         dist2 = squared_euclidean(anchors, refs)
@@ -129,13 +157,27 @@ class CrossModalQuadrupletLoss(nn.Module):
         check_normalized(text_emb, "text_emb")
         image_ref, text_ref, ref_labels = gather_pairs(image_emb, text_emb, labels)
         offset = rank() * image_emb.shape[0]
-        sscon = 0.5 * (self.contrastive(image_emb, text_ref, labels, ref_labels, offset)
-                       + self.contrastive(text_emb, image_ref, labels, ref_labels, offset))
+        sscon = 0.5 * (
+            self.contrastive(image_emb, text_ref, labels, ref_labels, offset)
+            + self.contrastive(text_emb, image_ref, labels, ref_labels, offset)
+        )
         keep, ref_keep = labels >= 0, ref_labels >= 0
         if not keep.any() or not ref_keep.any():
-            quad = zero_loss(image_emb, text_emb, image_ref, text_ref,
-                             reason="no labelled pair for the quadruplet term of CrossModalQuadrupletLoss")
+            quad = zero_loss(
+                image_emb,
+                text_emb,
+                image_ref,
+                text_ref,
+                reason="no labelled pair for the quadruplet term of CrossModalQuadrupletLoss",
+            )
         else:
-            quad = symmetric_loss(self.quadruplet, image_emb[keep], text_emb[keep], labels[keep],
-                                  image_ref[ref_keep], text_ref[ref_keep], ref_labels[ref_keep])
+            quad = symmetric_loss(
+                self.quadruplet,
+                image_emb[keep],
+                text_emb[keep],
+                labels[keep],
+                image_ref[ref_keep],
+                text_ref[ref_keep],
+                ref_labels[ref_keep],
+            )
         return quad + self.lam * sscon

@@ -16,14 +16,16 @@ and exactly on top of any FAISS index (see ``Retriever.search``):
 ``score`` returned for corrected hits is ``s − bias``, in similarity units (for QB-Norm its order is the inverted
 softmax's order).
 """
+
 from __future__ import annotations
 
 import json
 import os
-from typing import Dict, Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
+from metrank.errors import InputError
 from metrank.registry import Registry
 from metrank.validation import check_embeddings
 
@@ -41,7 +43,7 @@ class HubnessCorrection:
         """``bank_sims`` [n_items, n_bank] -> bias [n_items] (float64)."""
         raise NotImplementedError
 
-    def params(self) -> Dict[str, float]:
+    def params(self) -> dict[str, float]:
         raise NotImplementedError
 
 
@@ -55,7 +57,7 @@ class QBNorm(HubnessCorrection):
 
     def __init__(self, beta: float = 20.0) -> None:
         if not beta > 0:
-            raise ValueError(f"QB-Norm temperature beta must be > 0, got {beta}")
+            raise InputError(f"QB-Norm temperature beta must be > 0, got {beta}")
         self.beta = float(beta)
 
     def item_bias(self, bank_sims: np.ndarray) -> np.ndarray:
@@ -63,7 +65,7 @@ class QBNorm(HubnessCorrection):
         peak = z.max(axis=1, keepdims=True)
         return (peak[:, 0] + np.log(np.exp(z - peak).sum(axis=1))) / self.beta
 
-    def params(self) -> Dict[str, float]:
+    def params(self) -> dict[str, float]:
         return {"beta": self.beta}
 
 
@@ -76,9 +78,9 @@ class NNN(HubnessCorrection):
 
     def __init__(self, alpha: float = 0.75, k: int = 16) -> None:
         if not 0 <= alpha:
-            raise ValueError(f"NNN alpha must be >= 0, got {alpha}")
+            raise InputError(f"NNN alpha must be >= 0, got {alpha}")
         if int(k) < 1:
-            raise ValueError(f"NNN k must be >= 1, got {k}")
+            raise InputError(f"NNN k must be >= 1, got {k}")
         self.alpha = float(alpha)
         self.k = int(k)
 
@@ -87,7 +89,7 @@ class NNN(HubnessCorrection):
         top = np.partition(bank_sims, bank_sims.shape[1] - k, axis=1)[:, -k:]
         return self.alpha * top.astype(np.float64).mean(axis=1)
 
-    def params(self) -> Dict[str, float]:
+    def params(self) -> dict[str, float]:
         return {"alpha": self.alpha, "k": self.k}
 
 
@@ -104,12 +106,12 @@ class HubnessState:
     names the gallery items the correction covers; other items keep bias 0 and never enter the activation set.
     """
 
-    def __init__(self, correction: HubnessCorrection, bank: np.ndarray, modality: Optional[str] = None) -> None:
+    def __init__(self, correction: HubnessCorrection, bank: np.ndarray, modality: str | None = None) -> None:
         check_embeddings(bank, "query bank")
         self.correction = correction
         self.bank = np.ascontiguousarray(bank, dtype=np.float32)
         self.modality = modality
-        self._bias: Dict[int, float] = {}
+        self._bias: dict[int, float] = {}
         self.top1_score = np.full(len(bank), -np.inf, dtype=np.float64)
         self.top1_id = np.full(len(bank), -1, dtype=np.int64)
 
@@ -123,14 +125,14 @@ class HubnessState:
     def add_items(self, ids: Sequence[int], vectors: np.ndarray) -> None:
         ids = np.asarray(ids, dtype=np.int64)
         for start in range(0, len(ids), _CHUNK):
-            sims = vectors[start:start + _CHUNK].astype(np.float32) @ self.bank.T  # [n, B]
+            sims = vectors[start : start + _CHUNK].astype(np.float32) @ self.bank.T  # [n, B]
             bias = self.correction.item_bias(sims)
-            self._bias.update(zip(ids[start:start + _CHUNK].tolist(), bias.tolist()))
+            self._bias.update(zip(ids[start : start + _CHUNK].tolist(), bias.tolist()))
             best = sims.argmax(axis=0)
             best_score = sims[best, np.arange(sims.shape[1])]
             better = best_score > self.top1_score
             self.top1_score[better] = best_score[better]
-            self.top1_id[better] = ids[start:start + _CHUNK][best[better]]
+            self.top1_id[better] = ids[start : start + _CHUNK][best[better]]
 
     def remove_items(self, ids: Sequence[int]) -> np.ndarray:
         """Forget ``ids``; returns the indices of bank queries whose top-1 was removed (to re-search)."""
@@ -148,8 +150,9 @@ class HubnessState:
     def bias(self, ids: np.ndarray) -> np.ndarray:
         """Bias per id (0 for ids the correction does not cover, including -1 padding)."""
         get = self._bias.get
-        return np.fromiter((get(int(i), 0.0) for i in np.asarray(ids).ravel()), dtype=np.float64,
-                           count=np.asarray(ids).size).reshape(np.shape(ids))
+        return np.fromiter(
+            (get(int(i), 0.0) for i in np.asarray(ids).ravel()), dtype=np.float64, count=np.asarray(ids).size
+        ).reshape(np.shape(ids))
 
     def min_bias(self) -> float:
         """The smallest bias of any item (0 when some items are uncovered): unfetched items score at most
@@ -163,10 +166,15 @@ class HubnessState:
             return np.ones(len(raw_top1_ids), dtype=bool)
         return np.isin(raw_top1_ids, self.top1_id[self.top1_id >= 0])
 
-    def describe(self) -> Dict[str, object]:
-        return {"method": self.correction.name, **self.correction.params(), "bank_size": len(self.bank),
-                "modality": self.modality, "covered_items": len(self._bias),
-                "activation_set": int(np.unique(self.top1_id[self.top1_id >= 0]).size)}
+    def describe(self) -> dict[str, object]:
+        return {
+            "method": self.correction.name,
+            **self.correction.params(),
+            "bank_size": len(self.bank),
+            "modality": self.modality,
+            "covered_items": len(self._bias),
+            "activation_set": int(np.unique(self.top1_id[self.top1_id >= 0]).size),
+        }
 
     # ----------------------------------------------------------------------------------------------- persistence
     def save(self, directory: str) -> None:
@@ -176,11 +184,12 @@ class HubnessState:
         with open(os.path.join(directory, "hubness.npz"), "wb") as f:
             np.savez(f, bank=self.bank, ids=ids, bias=bias, top1_score=self.top1_score, top1_id=self.top1_id)
         with open(os.path.join(directory, "hubness.json"), "w") as f:
-            json.dump({"method": self.correction.name, "params": self.correction.params(),
-                       "modality": self.modality}, f)
+            json.dump(
+                {"method": self.correction.name, "params": self.correction.params(), "modality": self.modality}, f
+            )
 
     @classmethod
-    def load(cls, directory: str) -> Optional["HubnessState"]:
+    def load(cls, directory: str) -> HubnessState | None:
         if not os.path.exists(os.path.join(directory, "hubness.json")):
             return None
         with open(os.path.join(directory, "hubness.json")) as f:

@@ -21,6 +21,7 @@ Persistence (``save``/``load``) writes a new snapshot folder ``v000007/`` (index
 config) and then atomically replaces ``MANIFEST.json`` to point at it; a process killed at any moment leaves the
 previous snapshot intact. ``load`` checks that the index's ids equal the database's ids.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -31,13 +32,15 @@ import re
 import shutil
 import tempfile
 import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from metrank.atomic import atomic_path, atomic_write_text
+from metrank.errors import InputError, MissingFileError, NotFoundError
 from metrank.index import Index, create_index
 from metrank.search.hubness import HubnessState, create_hubness
 from metrank.search.rwlock import ReadWriteLock
@@ -61,13 +64,20 @@ class Hit:
     score: float
     raw_score: float
     modality: str
-    metadata: Dict[str, Any] = field(default_factory=dict)
-    path: Optional[str] = None
-    text: Optional[str] = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    path: str | None = None
+    text: str | None = None
 
-    def to_dict(self) -> Dict[str, Any]:
-        return {"id": self.id, "score": self.score, "raw_score": self.raw_score, "modality": self.modality,
-                "metadata": self.metadata, "has_image": self.path is not None, "text": self.text}
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "score": self.score,
+            "raw_score": self.raw_score,
+            "modality": self.modality,
+            "metadata": self.metadata,
+            "has_image": self.path is not None,
+            "text": self.text,
+        }
 
 
 def _open_image(image: ImageInput):
@@ -99,7 +109,7 @@ def _write_json_atomic(path: str, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=1))
 
 
-def _resolve_model(model: Any) -> Tuple[Any, Dict[str, Any]]:
+def _resolve_model(model: Any) -> tuple[Any, dict[str, Any]]:
     """``(model object, reference)``; the reference says how ``load`` rebuilds exactly this model: from the user's
     checkpoint file (path + SHA-256, checked on load) or from ``model.pt`` saved in the retriever directory (for
     model objects and names - a named model's projection heads may be freshly initialised, so the name alone
@@ -114,44 +124,56 @@ def _resolve_model(model: Any) -> Tuple[Any, Dict[str, Any]]:
             path = os.path.abspath(model)
             return load_checkpoint(path), {"checkpoint": path, "sha256": _sha256(path)}
         if model.endswith((".pt", ".pth", ".ckpt")) or os.sep in model.replace("timm/", "").replace("open_clip/", ""):
-            raise FileNotFoundError(f"checkpoint {model!r} not found")
+            raise MissingFileError(f"checkpoint {model!r} not found")
         from metrank.encoders import create_model
 
         return create_model(model), {"embedded": "model.pt", "name": model}
     if hasattr(model, "embed_images") and hasattr(model, "embed_dim"):
         return model, {"embedded": "model.pt", "name": getattr(model, "config", {}).get("name")}
-    raise ValueError(f"model must be a RetrievalModel, a checkpoint path or a model name, got {type(model).__name__}")
+    raise InputError(f"model must be a RetrievalModel, a checkpoint path or a model name, got {type(model).__name__}")
 
 
-def _build_model(reference: Mapping[str, Any], directory: Optional[str]):
+def _build_model(reference: Mapping[str, Any], directory: str | None):
     if not reference:
-        raise ValueError("this retriever has no model (it was created for vectors only): pass vectors, or create it "
-                         "with model=<name or checkpoint>")
+        raise InputError(
+            "this retriever has no model (it was created for vectors only): pass vectors, or create it "
+            "with model=<name or checkpoint>"
+        )
     from metrank.encoders import load_checkpoint
 
     if "checkpoint" in reference:
         path = reference["checkpoint"]
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"the model checkpoint this index was built with is gone: {path}")
+            raise MissingFileError(f"the model checkpoint this index was built with is gone: {path}")
         if _sha256(path) != reference["sha256"]:
-            raise ValueError(f"checkpoint {path} changed since the index was built; its embeddings would not match "
-                             "the indexed ones: restore it or re-index with `metrank index`")
+            raise InputError(
+                f"checkpoint {path} changed since the index was built; its embeddings would not match "
+                "the indexed ones: restore it or re-index with `metrank index`"
+            )
         return load_checkpoint(path)
     if "embedded" in reference:
         if directory is None:
-            raise ValueError("this retriever's model was given as an object and has not been saved yet")
+            raise InputError("this retriever's model was given as an object and has not been saved yet")
         return load_checkpoint(os.path.join(directory, reference["embedded"]))
-    raise ValueError(f"unknown model reference {dict(reference)}")
+    raise InputError(f"unknown model reference {dict(reference)}")
 
 
 class Retriever:
     """Embed, store, filter and search items (see the module docstring). Thread-safe: searches run concurrently,
     ``add``/``remove``/``set_hubness`` are exclusive."""
 
-    def __init__(self, index: Index, store: ItemStore, model_reference: Mapping[str, Any], index_spec: str,
-                 model: Any = None, directory: Optional[str] = None, hubness: Optional[HubnessState] = None) -> None:
+    def __init__(
+        self,
+        index: Index,
+        store: ItemStore,
+        model_reference: Mapping[str, Any],
+        index_spec: str,
+        model: Any = None,
+        directory: str | None = None,
+        hubness: HubnessState | None = None,
+    ) -> None:
         if index.metric != "ip":
-            raise ValueError("Retriever needs an inner-product index (metric='ip'); L2-normalise vectors for cosine")
+            raise InputError("Retriever needs an inner-product index (metric='ip'); L2-normalise vectors for cosine")
         self.index = index
         self.store = store
         self.index_spec = index_spec
@@ -167,8 +189,9 @@ class Retriever:
 
     # ------------------------------------------------------------------------------------------------ creation
     @classmethod
-    def create(cls, model: Any = None, index_spec: str = "Flat", dim: Optional[int] = None,
-               device: str = "auto") -> "Retriever":
+    def create(
+        cls, model: Any = None, index_spec: str = "Flat", dim: int | None = None, device: str = "auto"
+    ) -> Retriever:
         """A new, empty retriever.
 
         ``model``: a ``RetrievalModel``, a checkpoint path (``metrank.encoders.save_checkpoint``) or a model name
@@ -178,10 +201,10 @@ class Retriever:
         model_object, reference = _resolve_model(model)
         if model_object is not None:
             if dim is not None and dim != model_object.embed_dim:
-                raise ValueError(f"dim={dim} does not match the model's embed_dim={model_object.embed_dim}")
+                raise InputError(f"dim={dim} does not match the model's embed_dim={model_object.embed_dim}")
             dim = int(model_object.embed_dim)
         if dim is None:
-            raise ValueError("a vectors-only retriever (model=None) needs dim=<vector length>")
+            raise InputError("a vectors-only retriever (model=None) needs dim=<vector length>")
         index = create_index(index_spec, dim=int(dim), metric="ip", device=device)
         return cls(index, ItemStore(int(dim)), reference, index_spec, model=model_object)
 
@@ -205,16 +228,20 @@ class Retriever:
         """L2-normalised image embeddings, loading images from disk one batch at a time."""
         model = self.model
         out = np.empty((len(images), self.dim), np.float32)
-        for start in tqdm(range(0, len(images), batch_size), desc="embed images", unit="batch",
-                          disable=not progress or len(images) <= batch_size):
-            batch = [_open_image(img) for img in images[start:start + batch_size]]
-            out[start:start + len(batch)] = model.embed_images(batch, batch_size=batch_size, progress=False)
+        for start in tqdm(
+            range(0, len(images), batch_size),
+            desc="embed images",
+            unit="batch",
+            disable=not progress or len(images) <= batch_size,
+        ):
+            batch = [_open_image(img) for img in images[start : start + batch_size]]
+            out[start : start + len(batch)] = model.embed_images(batch, batch_size=batch_size, progress=False)
         return out
 
     def embed_texts(self, texts: Sequence[str], batch_size: int = 256, progress: bool = True) -> np.ndarray:
         model = self.model
         if not getattr(model, "has_text", False):
-            raise ValueError("this retriever's model has no text tower; use images or vectors")
+            raise InputError("this retriever's model has no text tower; use images or vectors")
         return np.asarray(model.embed_texts(list(texts), batch_size=batch_size, progress=progress), np.float32)
 
     # ------------------------------------------------------------------------------------------------ mutation
@@ -223,10 +250,17 @@ class Retriever:
         with self._lock.write():
             self.index.train(vectors)
 
-    def add(self, images: Optional[Sequence[ImageInput]] = None, texts: Optional[Sequence[str]] = None,
-            vectors: Optional[np.ndarray] = None, metadata: Optional[Sequence[Mapping[str, Any]]] = None,
-            ids: Optional[Sequence[int]] = None, modality: Optional[str] = None, batch_size: int = 64,
-            progress: bool = True) -> np.ndarray:
+    def add(
+        self,
+        images: Sequence[ImageInput] | None = None,
+        texts: Sequence[str] | None = None,
+        vectors: np.ndarray | None = None,
+        metadata: Sequence[Mapping[str, Any]] | None = None,
+        ids: Sequence[int] | None = None,
+        modality: str | None = None,
+        batch_size: int = 64,
+        progress: bool = True,
+    ) -> np.ndarray:
         """Add items; returns their ids.
 
         ``images``: file paths (served back by the HTTP app) or PIL images; ``texts``: strings (at most one of the
@@ -236,53 +270,56 @@ class Retriever:
         on from the largest id ever assigned). Everything is embedded and checked first, so a failure adds nothing.
         """
         if images is not None and texts is not None:
-            raise ValueError("pass images= or texts=, not both (add them in two calls)")
+            raise InputError("pass images= or texts=, not both (add them in two calls)")
         if images is None and texts is None and vectors is None:
-            raise ValueError("nothing to add: pass images=, texts= or vectors=")
+            raise InputError("nothing to add: pass images=, texts= or vectors=")
         paths = texts_column = None
         if images is not None:
             images = list(images)
             missing = [os.fspath(p) for p in images if isinstance(p, (str, os.PathLike)) and not os.path.isfile(p)]
             if missing:
-                raise FileNotFoundError(f"{len(missing)} image files not found, e.g. {missing[:3]}")
+                raise MissingFileError(f"{len(missing)} image files not found, e.g. {missing[:3]}")
             paths = [os.path.abspath(p) if isinstance(p, (str, os.PathLike)) else None for p in images]
             n, kind = len(images), "image"
         elif texts is not None:
             texts_column = list(texts)
             if not all(isinstance(t, str) and t.strip() for t in texts_column):
-                raise ValueError("texts must be non-empty strings")
+                raise InputError("texts must be non-empty strings")
             n, kind = len(texts_column), "text"
         else:
             n, kind = len(vectors), modality or "vector"
         if modality is not None and modality != kind:
-            raise ValueError(f"modality={modality!r} contradicts the {kind} items given")
+            raise InputError(f"modality={modality!r} contradicts the {kind} items given")
         if kind not in MODALITIES:
-            raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
+            raise InputError(f"modality must be one of {MODALITIES}, got {modality!r}")
         if n == 0:
-            raise ValueError("no items to add (empty list)")
+            raise InputError("no items to add (empty list)")
         if vectors is not None:
             check_embeddings(vectors, "vectors", self.dim)
             vectors = np.ascontiguousarray(np.asarray(vectors), dtype=np.float32)
             if len(vectors) != n:
-                raise ValueError(f"got {len(vectors)} vectors for {n} {kind}s")
+                raise InputError(f"got {len(vectors)} vectors for {n} {kind}s")
         metadata = [{} for _ in range(n)] if metadata is None else list(metadata)
         if len(metadata) != n or not all(isinstance(m, Mapping) for m in metadata):
-            raise ValueError(f"metadata must be a list of {n} dicts (one per item), got {len(metadata)} entries")
+            raise InputError(f"metadata must be a list of {n} dicts (one per item), got {len(metadata)} entries")
         metadata_json = []
         for j, m in enumerate(metadata):
             try:
                 metadata_json.append(json.dumps(dict(m), ensure_ascii=False))
             except (TypeError, ValueError) as err:
-                raise ValueError(f"metadata[{j}] is not JSON-serialisable: {err}") from None
+                raise InputError(f"metadata[{j}] is not JSON-serialisable: {err}") from None
         if ids is not None:
             ids = np.asarray(ids)
             if ids.shape != (n,) or not np.issubdtype(ids.dtype, np.integer):
-                raise ValueError(f"ids must be {n} integers, got shape {ids.shape} dtype {ids.dtype}")
+                raise InputError(f"ids must be {n} integers, got shape {ids.shape} dtype {ids.dtype}")
             if ids.min() < 0 or np.unique(ids).size != n:
-                raise ValueError("ids must be non-negative and unique")
+                raise InputError("ids must be non-negative and unique")
         if vectors is None:
-            vectors = self.embed_images(images, batch_size=batch_size, progress=progress) if kind == "image" else \
-                self.embed_texts(texts_column, batch_size=batch_size, progress=progress)
+            vectors = (
+                self.embed_images(images, batch_size=batch_size, progress=progress)
+                if kind == "image"
+                else self.embed_texts(texts_column, batch_size=batch_size, progress=progress)
+            )
         modality = kind
         with self._lock.write():
             ids = np.arange(self._next_id, self._next_id + n, dtype=np.int64) if ids is None else ids.astype(np.int64)
@@ -307,7 +344,7 @@ class Retriever:
         with self._lock.write():
             unknown = set(ids.tolist()) - self.store.existing(ids)
             if unknown:
-                raise KeyError(f"unknown ids: {sorted(unknown)[:10]}")
+                raise NotFoundError(f"unknown ids: {sorted(unknown)[:10]}")
             try:
                 removed = self.index.remove_ids(ids)
             except ValueError:  # index type without removal (HNSW): rebuild it from the stored vectors
@@ -318,10 +355,14 @@ class Retriever:
                 stale = self.hubness.remove_items(ids)
                 if stale.size:
                     where = self.store.where(modality=self.hubness.modality)
-                    hits = self._search_locked(self.hubness.bank[stale], 1, where, correct=False,
-                                               modality=self.hubness.modality)
-                    self.hubness.set_top1(stale, np.array([h[0][2] if h else -np.inf for h in hits]),
-                                          np.array([h[0][0] if h else -1 for h in hits], dtype=np.int64))
+                    hits = self._search_locked(
+                        self.hubness.bank[stale], 1, where, correct=False, modality=self.hubness.modality
+                    )
+                    self.hubness.set_top1(
+                        stale,
+                        np.array([h[0][2] if h else -np.inf for h in hits]),
+                        np.array([h[0][0] if h else -1 for h in hits], dtype=np.int64),
+                    )
         return removed
 
     def _rebuild_index_without(self, ids: np.ndarray) -> int:
@@ -334,8 +375,9 @@ class Retriever:
         self.index = fresh
         return removed
 
-    def set_hubness(self, method: Optional[str], bank: Optional[np.ndarray] = None, modality: Optional[str] = None,
-                    **params: Any) -> None:
+    def set_hubness(
+        self, method: str | None, bank: np.ndarray | None = None, modality: str | None = None, **params: Any
+    ) -> None:
         """Enable query-time hubness correction (``"qb_norm"`` with ``beta``, ``"nnn"`` with ``alpha``, ``k``) with a
         bank of reference query embeddings (e.g. training captions embedded by this model), covering the gallery
         items of ``modality`` (None = all); ``method=None`` disables it. Biases of stored items are computed now,
@@ -346,7 +388,7 @@ class Retriever:
                 self.hubness = None
                 return
             if bank is None:
-                raise ValueError(f"hubness method {method!r} needs bank=<[n, {self.dim}] reference query embeddings>")
+                raise InputError(f"hubness method {method!r} needs bank=<[n, {self.dim}] reference query embeddings>")
             check_embeddings(bank, "query bank", self.dim)
             state = HubnessState(create_hubness(method, **params), np.asarray(bank, np.float32), modality)
             ids, vectors = self.store.vectors(self.store.where(modality=modality))
@@ -355,9 +397,16 @@ class Retriever:
             self.hubness = state
 
     # ------------------------------------------------------------------------------------------------ search
-    def search(self, text: Optional[str] = None, image: Optional[ImageInput] = None,
-               vector: Optional[np.ndarray] = None, k: int = 10, filter: Optional[FilterSpec] = None,
-               modality: Optional[str] = None, hubness: bool = True) -> List[Hit]:
+    def search(
+        self,
+        text: str | None = None,
+        image: ImageInput | None = None,
+        vector: np.ndarray | None = None,
+        k: int = 10,
+        filter: FilterSpec | None = None,
+        modality: str | None = None,
+        hubness: bool = True,
+    ) -> list[Hit]:
         """The ``k`` best items for one query (exactly one of text / image / vector), best first.
 
         ``filter``: ``{"key": value or [values]}`` on metadata (AND over keys); ``modality``: restrict to "image",
@@ -366,37 +415,48 @@ class Retriever:
         """
         given = [name for name, v in (("text", text), ("image", image), ("vector", vector)) if v is not None]
         if len(given) != 1:
-            raise ValueError(f"pass exactly one of text=, image=, vector= (got {given or 'none'})")
+            raise InputError(f"pass exactly one of text=, image=, vector= (got {given or 'none'})")
         if text is not None:
             if not isinstance(text, str):
-                raise ValueError(f"text must be a string, got {type(text).__name__}")
+                raise InputError(f"text must be a string, got {type(text).__name__}")
             query = self.embed_texts([text], progress=False)
         elif image is not None:
             query = self.embed_images([image], progress=False)
         else:
             query = np.asarray(vector, dtype=np.float32) if not isinstance(vector, np.ndarray) else vector
             if query.ndim != 1:
-                raise ValueError(f"vector must be 1-D with {self.dim} values, got shape {query.shape}; use "
-                                 "search_vectors for several queries")
+                raise InputError(
+                    f"vector must be 1-D with {self.dim} values, got shape {query.shape}; use "
+                    "search_vectors for several queries"
+                )
             query = query[None, :]
         return self.search_vectors(query, k=k, filter=filter, modality=modality, hubness=hubness)[0]
 
-    def search_vectors(self, queries: np.ndarray, k: int = 10, filter: Optional[FilterSpec] = None,
-                       modality: Optional[str] = None, hubness: bool = True) -> List[List[Hit]]:
+    def search_vectors(
+        self,
+        queries: np.ndarray,
+        k: int = 10,
+        filter: FilterSpec | None = None,
+        modality: str | None = None,
+        hubness: bool = True,
+    ) -> list[list[Hit]]:
         """Batched :meth:`search` for query embeddings [n, dim]."""
         check_embeddings(queries, "query vectors", self.dim)
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"k must be a positive integer, got {k!r}")
+            raise InputError(f"k must be a positive integer, got {k!r}")
         with self._lock.read():
             where = self.store.where(filter, modality)
             rows = self._search_locked(queries, int(k), where, correct=hubness, modality=modality)
             items = self.store.get([i for row in rows for i, _, _ in row], with_vectors=False)
-        return [[Hit(i, s, r, items[i].modality, items[i].metadata, items[i].path, items[i].text) for i, s, r in row]
-                for row in rows]
+        return [
+            [Hit(i, s, r, items[i].modality, items[i].metadata, items[i].path, items[i].text) for i, s, r in row]
+            for row in rows
+        ]
 
-    def _search_locked(self, queries: np.ndarray, k: int, where: Optional[Where], correct: bool,
-                       modality: Optional[str] = None):
+    def _search_locked(
+        self, queries: np.ndarray, k: int, where: Where | None, correct: bool, modality: str | None = None
+    ):
         """Rows of ``(id, score, raw_score)`` for items matching ``where`` (of ``modality``). Caller holds the lock."""
         total = self.index.ntotal
         if total == 0:
@@ -419,7 +479,7 @@ class Retriever:
             min_bias = state.min_bias()
             if len(state) < total and (state.modality is None or modality != state.modality):
                 min_bias = min(min_bias, 0.0)  # uncovered items (bias 0) may be among the candidates
-        results: List[Optional[list]] = [None] * len(queries)
+        results: list[list | None] = [None] * len(queries)
         pending = np.arange(len(queries))
         while pending.size:
             scores, ids = self.index.search(queries[pending], fetch)
@@ -448,7 +508,7 @@ class Retriever:
             fetch = min(total, fetch * 4)
         return results
 
-    def _score_matching(self, queries: np.ndarray, k: int, where: Where, state: Optional[HubnessState]):
+    def _score_matching(self, queries: np.ndarray, k: int, where: Where, state: HubnessState | None):
         """Exact scoring of the (few) items matching ``where``."""
         ids, vectors = self.store.vectors(where)
         sims = queries @ vectors.T
@@ -466,28 +526,36 @@ class Retriever:
         """The stored item (metadata, path, text, vector); ``KeyError`` if unknown."""
         item = self.store.get([int(id)]).get(int(id))
         if item is None:
-            raise KeyError(f"unknown id {id}")
+            raise NotFoundError(f"unknown id {id}")
         return item
 
-    def stats(self) -> Dict[str, Any]:
+    def stats(self) -> dict[str, Any]:
         with self._lock.read():
-            return {"items": self.index.ntotal, "dim": self.dim, "index_spec": self.index_spec,
-                    "index_bytes": self.index.memory_bytes(), "modalities": self.store.modality_counts(),
-                    "model": self.model_reference or None, "directory": self.directory,
-                    "hubness": self.hubness.describe() if self.hubness is not None else None}
+            return {
+                "items": self.index.ntotal,
+                "dim": self.dim,
+                "index_spec": self.index_spec,
+                "index_bytes": self.index.memory_bytes(),
+                "modalities": self.store.modality_counts(),
+                "model": self.model_reference or None,
+                "directory": self.directory,
+                "hubness": self.hubness.describe() if self.hubness is not None else None,
+            }
 
     # ------------------------------------------------------------------------------------------------ persistence
-    def save(self, directory: Optional[str] = None) -> str:
+    def save(self, directory: str | None = None) -> str:
         """Write a new snapshot into ``directory`` (default: where this retriever was loaded from / last saved)
         and switch ``MANIFEST.json`` to it atomically; older snapshots are then deleted. Returns the snapshot path."""
         directory = os.path.abspath(directory or self.directory or "")
         if not directory or directory == os.path.abspath(""):
-            raise ValueError("save needs a directory (this retriever was never saved or loaded)")
+            raise InputError("save needs a directory (this retriever was never saved or loaded)")
         os.makedirs(directory, exist_ok=True)
         with self._save_lock, self._lock.read():  # a consistent view: writers wait, searches continue
             self._save_model(directory)
-            number = 1 + max([_read_manifest(directory).get("version", 0)] +
-                             [int(m.group(1)) for m in map(_SNAPSHOT.match, os.listdir(directory)) if m])
+            number = 1 + max(
+                [_read_manifest(directory).get("version", 0)]
+                + [int(m.group(1)) for m in map(_SNAPSHOT.match, os.listdir(directory)) if m]
+            )
             name = f"v{number:06d}"
             tmp = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
             try:
@@ -497,10 +565,15 @@ class Retriever:
                     self.hubness.save(tmp)
                 ids = self.store.all_ids()
                 files = sorted(os.listdir(tmp))
-                config = {"format": FORMAT_VERSION, "dim": self.dim, "index_spec": self.index_spec,
-                          "model": self.model_reference, "items": int(len(ids)),
-                          "ids_sha256": hashlib.sha256(ids.tobytes()).hexdigest(),
-                          "files": {f: _sha256(os.path.join(tmp, f)) for f in files}}
+                config = {
+                    "format": FORMAT_VERSION,
+                    "dim": self.dim,
+                    "index_spec": self.index_spec,
+                    "model": self.model_reference,
+                    "items": int(len(ids)),
+                    "ids_sha256": hashlib.sha256(ids.tobytes()).hexdigest(),
+                    "files": {f: _sha256(os.path.join(tmp, f)) for f in files},
+                }
                 _write_json_atomic(os.path.join(tmp, "config.json"), config)
                 for f in files:
                     with open(os.path.join(tmp, f), "rb") as handle:
@@ -535,34 +608,43 @@ class Retriever:
             save_checkpoint(target, self.model)
 
     @classmethod
-    def load(cls, directory: str, device: str = "auto") -> "Retriever":
+    def load(cls, directory: str, device: str = "auto") -> Retriever:
         """Open the snapshot ``MANIFEST.json`` points to, checking file hashes and that index ids == database ids.
         The model is built lazily, on the first text/image embedding."""
         directory = os.path.abspath(directory)
         manifest = _read_manifest(directory)
         if not manifest:
-            raise FileNotFoundError(f"no retriever saved in {directory!r} (missing {MANIFEST})")
+            raise MissingFileError(f"no retriever saved in {directory!r} (missing {MANIFEST})")
         snapshot = os.path.join(directory, manifest["snapshot"])
         with open(os.path.join(snapshot, "config.json")) as f:
             config = json.load(f)
         if config.get("format") != FORMAT_VERSION:
-            raise ValueError(f"{snapshot} has format {config.get('format')}, this metrank reads {FORMAT_VERSION}")
+            raise InputError(f"{snapshot} has format {config.get('format')}, this metrank reads {FORMAT_VERSION}")
         for name, digest in config["files"].items():
             if _sha256(os.path.join(snapshot, name)) != digest:
-                raise ValueError(f"{snapshot}/{name} is corrupt (checksum mismatch); restore it from a backup")
+                raise InputError(f"{snapshot}/{name} is corrupt (checksum mismatch); restore it from a backup")
         index = Index.load(os.path.join(snapshot, "index.faiss"), device=device)
         store = ItemStore.load(os.path.join(snapshot, "items.sqlite"), config["dim"])
         db_ids = store.all_ids()
         index_ids = np.sort(index.stored_ids())
-        if hashlib.sha256(db_ids.tobytes()).hexdigest() != config["ids_sha256"] or not np.array_equal(db_ids,
-                                                                                                      index_ids):
-            raise ValueError(f"{snapshot} is inconsistent: index holds {len(index_ids)} ids, database "
-                             f"{len(db_ids)}; rebuild it with `metrank index`")
-        return cls(index, store, config["model"], config["index_spec"], directory=directory,
-                   hubness=HubnessState.load(snapshot))
+        if hashlib.sha256(db_ids.tobytes()).hexdigest() != config["ids_sha256"] or not np.array_equal(
+            db_ids, index_ids
+        ):
+            raise InputError(
+                f"{snapshot} is inconsistent: index holds {len(index_ids)} ids, database "
+                f"{len(db_ids)}; rebuild it with `metrank index`"
+            )
+        return cls(
+            index,
+            store,
+            config["model"],
+            config["index_spec"],
+            directory=directory,
+            hubness=HubnessState.load(snapshot),
+        )
 
 
-def _read_manifest(directory: str) -> Dict[str, Any]:
+def _read_manifest(directory: str) -> dict[str, Any]:
     path = os.path.join(directory, MANIFEST)
     if not os.path.isfile(path):
         return {}

@@ -1,9 +1,10 @@
 """A readers-writer lock: many concurrent searches, one exclusive mutation (writers are not starved)."""
+
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 
 class ReadWriteLock:

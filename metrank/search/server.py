@@ -12,6 +12,7 @@ the page, its static files, ``/health`` and the docs needs the ``X-API-Key`` hea
 reason (400 bad value, 404 unknown id, 413 too large, 415 not an image, 422 malformed body). Searches run in the
 threadpool concurrently; mutations are serialised by the retriever's lock.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -21,7 +22,7 @@ import mimetypes
 import os
 import secrets
 import tempfile
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, File, Form, Request, UploadFile
@@ -32,6 +33,7 @@ from pydantic import BaseModel, Field
 
 from metrank.atomic import atomic_write_bytes
 from metrank.data.images import to_rgb
+from metrank.errors import InputError
 from metrank.search.retriever import Hit, Retriever
 
 STATIC_DIR = os.path.join(os.path.dirname(__file__), "static")
@@ -51,31 +53,31 @@ class HTTPError(Exception):
 
 # ------------------------------------------------------------------------------------------------ request bodies
 class SearchRequest(BaseModel):
-    text: Optional[str] = Field(None, description="query text (needs a model with a text tower)")
-    vector: Optional[List[float]] = Field(None, description="query embedding, one float per dimension")
+    text: str | None = Field(None, description="query text (needs a model with a text tower)")
+    vector: list[float] | None = Field(None, description="query embedding, one float per dimension")
     k: int = Field(10, ge=1, le=1000)
-    filter: Optional[Dict[str, Any]] = Field(None, description='metadata filter, e.g. {"category": ["a", "b"]}')
-    modality: Optional[str] = Field(None, description='restrict results to "image", "text" or "vector" items')
+    filter: dict[str, Any] | None = Field(None, description='metadata filter, e.g. {"category": ["a", "b"]}')
+    modality: str | None = Field(None, description='restrict results to "image", "text" or "vector" items')
     hubness: bool = Field(True, description="apply the configured hubness correction (if any)")
 
 
 class AddRequest(BaseModel):
-    vectors: Optional[List[List[float]]] = None
-    texts: Optional[List[str]] = None
-    metadata: Optional[List[Dict[str, Any]]] = None
-    ids: Optional[List[int]] = None
-    modality: Optional[str] = Field(None, description='label for vectors: "image", "text" or "vector"')
+    vectors: list[list[float]] | None = None
+    texts: list[str] | None = None
+    metadata: list[dict[str, Any]] | None = None
+    ids: list[int] | None = None
+    modality: str | None = Field(None, description='label for vectors: "image", "text" or "vector"')
 
 
 class DeleteRequest(BaseModel):
-    ids: List[int]
+    ids: list[int]
 
 
 # ------------------------------------------------------------------------------------------------ middleware
 class GuardMiddleware:
     """ASGI middleware: API key check, then body size limits (413 by Content-Length or while streaming)."""
 
-    def __init__(self, app, api_key: Optional[str], max_request_bytes: int, max_upload_bytes: int) -> None:
+    def __init__(self, app, api_key: str | None, max_request_bytes: int, max_upload_bytes: int) -> None:
         self.app = app
         self.api_key = api_key
         self.max_request_bytes = max_request_bytes
@@ -130,14 +132,22 @@ class GuardMiddleware:
 
 async def _reply(send, status: int, detail: str) -> None:
     payload = json.dumps({"detail": detail}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
-                            (b"connection", b"close")]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": payload})
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def _hit_json(hit: Hit) -> Dict[str, Any]:
+def _hit_json(hit: Hit) -> dict[str, Any]:
     out = hit.to_dict()
     out["image_url"] = f"/items/{hit.id}/image" if hit.path else None
     return out
@@ -157,7 +167,9 @@ def _read_image(data: bytes, name: str):
         img.load()
         img = to_rgb(img)  # the same conversion as images added by path (transparency -> white)
     except UnidentifiedImageError:
-        raise HTTPError(415, f"upload {name!r} is not an image PIL can read (PNG, JPEG, GIF, WEBP, BMP, TIFF)") from None
+        raise HTTPError(
+            415, f"upload {name!r} is not an image PIL can read (PNG, JPEG, GIF, WEBP, BMP, TIFF)"
+        ) from None
     except HTTPError:
         raise
     except Exception as err:  # truncated or corrupt files raise OSError/SyntaxError/ValueError inside PIL
@@ -167,7 +179,7 @@ def _read_image(data: bytes, name: str):
     return img, IMAGE_FORMATS[fmt]
 
 
-def _parse_json_form(value: Optional[str], name: str, kind: type):
+def _parse_json_form(value: str | None, name: str, kind: type):
     if value is None or value == "":
         return None
     try:
@@ -180,24 +192,34 @@ def _parse_json_form(value: Optional[str], name: str, kind: type):
 
 
 # ------------------------------------------------------------------------------------------------ the app
-def create_app(retriever: Retriever, api_key: Optional[str] = None, max_request_bytes: int = 8 << 20,
-               max_upload_bytes: int = 16 << 20, media_dir: Optional[str] = None,
-               save_dir: Optional[str] = None) -> FastAPI:
+def create_app(
+    retriever: Retriever,
+    api_key: str | None = None,
+    max_request_bytes: int = 8 << 20,
+    max_upload_bytes: int = 16 << 20,
+    media_dir: str | None = None,
+    save_dir: str | None = None,
+) -> FastAPI:
     """The FastAPI app serving ``retriever``.
 
     ``media_dir``: where uploaded images are kept so results can show them (default ``<retriever dir>/media`` or a
     temporary folder); ``save_dir``: where ``POST /save`` writes (default: the retriever's directory).
     """
     if max_request_bytes < 1 or max_upload_bytes < 1:
-        raise ValueError("max_request_bytes and max_upload_bytes must be positive")
-    media_dir = media_dir or (os.path.join(retriever.directory, "media") if retriever.directory
-                              else tempfile.mkdtemp(prefix="metrank-media-"))
-    app = FastAPI(title="metrank search", version="1",
-                  description="Embed-and-search over a metrank Retriever: text, image and vector queries, "
-                              "metadata filters, item management.")
+        raise InputError("max_request_bytes and max_upload_bytes must be positive")
+    media_dir = media_dir or (
+        os.path.join(retriever.directory, "media") if retriever.directory else tempfile.mkdtemp(prefix="metrank-media-")
+    )
+    app = FastAPI(
+        title="metrank search",
+        version="1",
+        description="Embed-and-search over a metrank Retriever: text, image and vector queries, "
+        "metadata filters, item management.",
+    )
     app.state.retriever = retriever
-    app.add_middleware(GuardMiddleware, api_key=api_key, max_request_bytes=max_request_bytes,
-                       max_upload_bytes=max_upload_bytes)
+    app.add_middleware(
+        GuardMiddleware, api_key=api_key, max_request_bytes=max_request_bytes, max_upload_bytes=max_upload_bytes
+    )
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.exception_handler(HTTPError)
@@ -241,17 +263,28 @@ def create_app(retriever: Retriever, api_key: Optional[str] = None, max_request_
         if body.vector is not None and len(body.vector) != retriever.dim:
             raise HTTPError(422, f"vector has {len(body.vector)} values, this index needs {retriever.dim}")
         vector = None if body.vector is None else _vector(body.vector)
-        hits = retriever.search(text=body.text, vector=vector, k=body.k, filter=body.filter,
-                                modality=body.modality, hubness=body.hubness)
+        hits = retriever.search(
+            text=body.text, vector=vector, k=body.k, filter=body.filter, modality=body.modality, hubness=body.hubness
+        )
         return {"hits": [_hit_json(h) for h in hits]}
 
     @app.post("/search/image")
-    def search_image(file: UploadFile = File(...), k: int = Form(10, ge=1, le=1000), filter: Optional[str] = Form(None),
-                     modality: Optional[str] = Form(None), hubness: bool = Form(True)):
+    def search_image(
+        file: UploadFile = File(...),
+        k: int = Form(10, ge=1, le=1000),
+        filter: str | None = Form(None),
+        modality: str | None = Form(None),
+        hubness: bool = Form(True),
+    ):
         """Search with an uploaded image (multipart field ``file``)."""
         image, _ = _read_image(file.file.read(), file.filename or "file")
-        hits = retriever.search(image=image, k=k, filter=_parse_json_form(filter, "filter", dict),
-                                modality=modality or None, hubness=hubness)
+        hits = retriever.search(
+            image=image,
+            k=k,
+            filter=_parse_json_form(filter, "filter", dict),
+            modality=modality or None,
+            hubness=hubness,
+        )
         return {"hits": [_hit_json(h) for h in hits]}
 
     @app.post("/items")
@@ -262,17 +295,27 @@ def create_app(retriever: Retriever, api_key: Optional[str] = None, max_request_
         if body.vectors is not None:
             bad = [i for i, v in enumerate(body.vectors) if len(v) != retriever.dim]
             if bad or not body.vectors:
-                raise HTTPError(422, f"every vector needs {retriever.dim} values (bad rows: {bad[:10]})"
-                                if bad else "'vectors' is empty")
-            ids = retriever.add(vectors=_vector(body.vectors), metadata=body.metadata, ids=body.ids,
-                                modality=body.modality, progress=False)
+                raise HTTPError(
+                    422,
+                    f"every vector needs {retriever.dim} values (bad rows: {bad[:10]})"
+                    if bad
+                    else "'vectors' is empty",
+                )
+            ids = retriever.add(
+                vectors=_vector(body.vectors),
+                metadata=body.metadata,
+                ids=body.ids,
+                modality=body.modality,
+                progress=False,
+            )
         else:
             ids = retriever.add(texts=body.texts, metadata=body.metadata, ids=body.ids, progress=False)
         return {"ids": ids.tolist()}
 
     @app.post("/items/images")
-    def add_images(files: List[UploadFile] = File(...), metadata: Optional[str] = Form(None),
-                   ids: Optional[str] = Form(None)):
+    def add_images(
+        files: list[UploadFile] = File(...), metadata: str | None = Form(None), ids: str | None = Form(None)
+    ):
         """Upload images (multipart field ``files``, repeated) with ``metadata`` (a JSON list of dicts)."""
         meta = _parse_json_form(metadata, "metadata", list)
         id_list = _parse_json_form(ids, "ids", list)
@@ -292,8 +335,13 @@ def create_app(retriever: Retriever, api_key: Optional[str] = None, max_request_
     @app.get("/items/{item_id}")
     def get_item(item_id: int):
         item = retriever.get(item_id)
-        return {"id": item.id, "modality": item.modality, "text": item.text, "metadata": item.metadata,
-                "image_url": f"/items/{item.id}/image" if item.path else None}
+        return {
+            "id": item.id,
+            "modality": item.modality,
+            "text": item.text,
+            "metadata": item.metadata,
+            "image_url": f"/items/{item.id}/image" if item.path else None,
+        }
 
     @app.get("/items/{item_id}/image")
     def get_image(item_id: int):
@@ -353,8 +401,9 @@ class BackgroundServer:
         sock.bind((host, port))
         self.host, self.port = host, sock.getsockname()[1]
         sock.close()
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=self.port, log_level="warning",
-                                                    timeout_graceful_shutdown=5))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host=host, port=self.port, log_level="warning", timeout_graceful_shutdown=5)
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.url = f"http://{host}:{self.port}"
 

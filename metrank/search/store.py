@@ -5,16 +5,20 @@ The working database lives in memory, so a process killed half-way through ``add
 into memory. Metadata is a JSON object per item; filters (``{"key": value}`` or ``{"key": [v1, v2]}``) compile to
 ``json_extract`` expressions, and every filtered key gets an expression index so lookups stay logarithmic.
 """
+
 from __future__ import annotations
 
 import json
 import re
 import sqlite3
 import threading
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any
 
 import numpy as np
+
+from metrank.errors import StateError
 
 MODALITIES = ("image", "text", "vector")
 _KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]{0,63}$")
@@ -34,7 +38,7 @@ CREATE TABLE IF NOT EXISTS info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 FilterSpec = Mapping[str, Any]
-Where = Tuple[str, List[Any]]
+Where = tuple[str, list[Any]]
 
 
 @dataclass
@@ -43,14 +47,19 @@ class Item:
 
     id: int
     modality: str
-    path: Optional[str]
-    text: Optional[str]
-    metadata: Dict[str, Any]
-    vector: Optional[np.ndarray]
+    path: str | None
+    text: str | None
+    metadata: dict[str, Any]
+    vector: np.ndarray | None
 
-    def to_dict(self, with_vector: bool = False) -> Dict[str, Any]:
-        out = {"id": self.id, "modality": self.modality, "path": self.path, "text": self.text,
-               "metadata": self.metadata}
+    def to_dict(self, with_vector: bool = False) -> dict[str, Any]:
+        out = {
+            "id": self.id,
+            "modality": self.modality,
+            "path": self.path,
+            "text": self.text,
+            "metadata": self.metadata,
+        }
         if with_vector:
             out["vector"] = self.vector.tolist()
         return out
@@ -58,27 +67,30 @@ class Item:
 
 def _json_path(key: str) -> str:
     if not isinstance(key, str) or not _KEY.match(key):
-        raise ValueError(f"filter key {key!r} is not valid: use letters, digits, '_' or '-' (at most 64 characters)")
+        raise StateError(f"filter key {key!r} is not valid: use letters, digits, '_' or '-' (at most 64 characters)")
     return f"json_extract(metadata, '$.\"{key}\"')"
 
 
 def _check_filter_value(key: str, value: Any) -> Any:
     if isinstance(value, bool) or value is None or isinstance(value, (int, float, str)):
         return int(value) if isinstance(value, bool) else value
-    raise ValueError(f"filter value for {key!r} must be a string, number, bool or a list of those, got "
-                     f"{type(value).__name__}")
+    raise StateError(
+        f"filter value for {key!r} must be a string, number, bool or a list of those, got {type(value).__name__}"
+    )
 
 
 class ItemStore:
     """Thread-safe in-memory SQLite table of items (one lock serialises all access to the connection)."""
 
-    def __init__(self, dim: int, connection: Optional[sqlite3.Connection] = None) -> None:
+    def __init__(self, dim: int, connection: sqlite3.Connection | None = None) -> None:
         self.dim = int(dim)
         self._db = connection or sqlite3.connect(":memory:", check_same_thread=False)
         self._db.executescript(_SCHEMA)
         self._lock = threading.Lock()
-        self._indexed_keys = {row[0][len("meta_"):] for row in self._db.execute(
-            "SELECT name FROM sqlite_master WHERE type='index' AND name LIKE 'meta_%'")}
+        self._indexed_keys = {
+            row[0][len("meta_") :]
+            for row in self._db.execute("SELECT name FROM sqlite_master WHERE type='index' AND name LIKE 'meta_%'")
+        }
 
     # ----------------------------------------------------------------------------------------------- persistence
     def save(self, path: str) -> None:
@@ -91,7 +103,7 @@ class ItemStore:
             target.close()
 
     @classmethod
-    def load(cls, path: str, dim: int) -> "ItemStore":
+    def load(cls, path: str, dim: int) -> ItemStore:
         source = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         memory = sqlite3.connect(":memory:", check_same_thread=False)
         try:
@@ -106,27 +118,39 @@ class ItemStore:
             row = self._db.execute("SELECT MAX(id) FROM items").fetchone()
         return 0 if row[0] is None else int(row[0]) + 1
 
-    def insert(self, ids: Sequence[int], modality: str, vectors: np.ndarray, metadata_json: Sequence[str],
-               paths: Optional[Sequence[Optional[str]]] = None, texts: Optional[Sequence[Optional[str]]] = None) -> None:
+    def insert(
+        self,
+        ids: Sequence[int],
+        modality: str,
+        vectors: np.ndarray,
+        metadata_json: Sequence[str],
+        paths: Sequence[str | None] | None = None,
+        texts: Sequence[str | None] | None = None,
+    ) -> None:
         """Insert items (metadata as JSON object strings) in one transaction; raises ``ValueError`` (and inserts
         nothing) if an id already exists."""
         if modality not in MODALITIES:
-            raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
+            raise StateError(f"modality must be one of {MODALITIES}, got {modality!r}")
         n = len(ids)
         paths = paths if paths is not None else [None] * n
         texts = texts if texts is not None else [None] * n
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        rows = [(int(i), modality, p, t, m, vectors[j].tobytes())
-                for j, (i, p, t, m) in enumerate(zip(ids.tolist() if isinstance(ids, np.ndarray) else ids, paths,
-                                                     texts, metadata_json))]
+        rows = [
+            (int(i), modality, p, t, m, vectors[j].tobytes())
+            for j, (i, p, t, m) in enumerate(
+                zip(ids.tolist() if isinstance(ids, np.ndarray) else ids, paths, texts, metadata_json)
+            )
+        ]
         with self._lock:
             try:
                 with self._db:
                     self._db.executemany("INSERT INTO items VALUES (?, ?, ?, ?, ?, ?)", rows)
             except sqlite3.IntegrityError:
                 existing = self._existing_locked(ids)
-                raise ValueError(f"ids already in the index: {sorted(existing)[:10]}; remove them first or pass "
-                                 f"ids=None to assign new ones") from None
+                raise StateError(
+                    f"ids already in the index: {sorted(existing)[:10]}; remove them first or pass "
+                    f"ids=None to assign new ones"
+                ) from None
 
     def delete(self, ids: Sequence[int]) -> None:
         with self._lock, self._db:
@@ -150,8 +174,10 @@ class ItemStore:
     def _existing_locked(self, ids: Iterable[int]) -> set:
         found: set = set()
         for chunk in _chunks([int(i) for i in ids]):
-            found.update(r[0] for r in self._db.execute(
-                f"SELECT id FROM items WHERE id IN ({','.join('?' * len(chunk))})", chunk))
+            found.update(
+                r[0]
+                for r in self._db.execute(f"SELECT id FROM items WHERE id IN ({','.join('?' * len(chunk))})", chunk)
+            )
         return found
 
     def existing(self, ids: Iterable[int]) -> set:
@@ -163,19 +189,20 @@ class ItemStore:
         with self._lock:
             return np.array([r[0] for r in self._db.execute("SELECT id FROM items ORDER BY id")], dtype=np.int64)
 
-    def get(self, ids: Sequence[int], with_vectors: bool = True) -> Dict[int, Item]:
+    def get(self, ids: Sequence[int], with_vectors: bool = True) -> dict[int, Item]:
         """Items by id (missing ids are simply absent from the result)."""
-        out: Dict[int, Item] = {}
+        out: dict[int, Item] = {}
         columns = "id, modality, path, text, metadata" + (", vector" if with_vectors else "")
         with self._lock:
             for chunk in _chunks([int(i) for i in ids]):
-                for row in self._db.execute(f"SELECT {columns} FROM items WHERE id IN ({','.join('?' * len(chunk))})",
-                                            chunk):
+                for row in self._db.execute(
+                    f"SELECT {columns} FROM items WHERE id IN ({','.join('?' * len(chunk))})", chunk
+                ):
                     vector = np.frombuffer(row[5], dtype=np.float32) if with_vectors else None
                     out[row[0]] = Item(row[0], row[1], row[2], row[3], json.loads(row[4]), vector)
         return out
 
-    def vectors(self, where: Optional[Where] = None) -> Tuple[np.ndarray, np.ndarray]:
+    def vectors(self, where: Where | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``(ids, vectors)`` of all items matching ``where`` (all items when None), ordered by id."""
         clause, params = where if where else ("1", [])
         with self._lock:
@@ -184,7 +211,7 @@ class ItemStore:
         vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), self.dim)
         return ids, vecs
 
-    def count(self, where: Optional[Where] = None) -> int:
+    def count(self, where: Where | None = None) -> int:
         clause, params = where if where else ("1", [])
         with self._lock:
             return int(self._db.execute(f"SELECT COUNT(*) FROM items WHERE {clause}", params).fetchone()[0])
@@ -195,40 +222,45 @@ class ItemStore:
         found: set = set()
         with self._lock:
             for chunk in _chunks([int(i) for i in ids]):
-                found.update(r[0] for r in self._db.execute(
-                    f"SELECT id FROM items WHERE id IN ({','.join('?' * len(chunk))}) AND ({clause})",
-                    chunk + params))
+                found.update(
+                    r[0]
+                    for r in self._db.execute(
+                        f"SELECT id FROM items WHERE id IN ({','.join('?' * len(chunk))}) AND ({clause})",
+                        chunk + params,
+                    )
+                )
         return found
 
-    def modality_counts(self) -> Dict[str, int]:
+    def modality_counts(self) -> dict[str, int]:
         with self._lock:
             return {m: int(c) for m, c in self._db.execute("SELECT modality, COUNT(*) FROM items GROUP BY modality")}
 
     # ----------------------------------------------------------------------------------------------- filters
-    def where(self, filter: Optional[FilterSpec] = None, modality: Optional[str] = None) -> Optional[Where]:
+    def where(self, filter: FilterSpec | None = None, modality: str | None = None) -> Where | None:
         """Compile a metadata filter and a modality restriction to a SQL ``WHERE`` clause (None = everything).
 
         ``{"key": value}`` matches items whose metadata has exactly that value; ``{"key": [v1, v2]}`` matches any of
         them; several keys are combined with AND. The first use of a key creates an expression index on it.
         """
-        clauses: List[str] = []
-        params: List[Any] = []
+        clauses: list[str] = []
+        params: list[Any] = []
         if modality is not None:
             if modality not in MODALITIES:
-                raise ValueError(f"modality must be one of {MODALITIES} or None, got {modality!r}")
+                raise StateError(f"modality must be one of {MODALITIES} or None, got {modality!r}")
             clauses.append("modality = ?")
             params.append(modality)
         if filter:
             if not isinstance(filter, Mapping):
-                raise ValueError(f"filter must be a dict of metadata key -> value or list of values, got "
-                                 f"{type(filter).__name__}")
+                raise StateError(
+                    f"filter must be a dict of metadata key -> value or list of values, got {type(filter).__name__}"
+                )
             for key, value in filter.items():
                 expr = _json_path(key)
                 self._ensure_key_index(key, expr)
                 if isinstance(value, (list, tuple, set)):
                     values = [_check_filter_value(key, v) for v in value]
                     if not values:
-                        raise ValueError(f"filter list for {key!r} is empty: it would match nothing")
+                        raise StateError(f"filter list for {key!r} is empty: it would match nothing")
                     clauses.append(f"{expr} IN ({','.join('?' * len(values))})")
                     params.extend(values)
                 else:
@@ -244,6 +276,6 @@ class ItemStore:
         self._indexed_keys.add(key)
 
 
-def _chunks(values: List[int], size: int = _MAX_VARS) -> Iterable[List[int]]:
+def _chunks(values: list[int], size: int = _MAX_VARS) -> Iterable[list[int]]:
     for start in range(0, len(values), size):
-        yield values[start:start + size]
+        yield values[start : start + size]

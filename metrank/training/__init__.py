@@ -9,9 +9,19 @@ load with ``metrank.encoders.load_checkpoint``.
 >>> result = train(load_config("train/configs/emoji_image_text.yaml", ["train.epochs=5"]))
 >>> result.metrics["t2i_R@1"], result.out_dir / "model_best.pt"
 """
+
 from metrank.training.config import TrainConfig, config_from_dict, load_config, parse_overrides
 from metrank.training.feature_cache import default_cache_dir
 from metrank.training.trainer import Trainer, TrainResult, evaluate, train
 
-__all__ = ["TrainConfig", "TrainResult", "Trainer", "config_from_dict", "default_cache_dir", "evaluate",
-           "load_config", "parse_overrides", "train"]
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "Trainer",
+    "config_from_dict",
+    "default_cache_dir",
+    "evaluate",
+    "load_config",
+    "parse_overrides",
+    "train",
+]

@@ -4,31 +4,38 @@ The training state is what ``--resume`` needs to continue *exactly*: restoring i
 gives bit-identical weights to an uninterrupted run (the batch order of an epoch is a function of (seed, epoch), the
 position inside the epoch is stored, and every random number generator is restored).
 """
+
 from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Any, Dict, Union
+from typing import Any
 
 import numpy as np
 import torch
 
 from metrank.atomic import atomic_path
+from metrank.errors import MissingFileError, StateError
 
 
-def atomic_torch_save(obj: Any, path: Union[str, Path]) -> None:
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """``torch.save`` ``obj`` to ``path`` atomically."""
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
 
 
-def rng_state() -> Dict[str, Any]:
+def rng_state() -> dict[str, Any]:
     """The state of every random number generator training touches, as tensors/lists (``weights_only``-loadable)."""
     np_state = np.random.get_state()
-    state: Dict[str, Any] = {
+    state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
-                  float(np_state[4])],
+        "numpy": [
+            np_state[0],
+            torch.from_numpy(np_state[1].astype(np.int64)),
+            int(np_state[2]),
+            int(np_state[3]),
+            float(np_state[4]),
+        ],
         "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
     }
     if torch.cuda.is_available():
@@ -36,7 +43,7 @@ def rng_state() -> Dict[str, Any]:
     return state
 
 
-def set_rng_state(state: Dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
@@ -46,36 +53,48 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_training_state(path: Union[str, Path], *, trainable: Dict[str, torch.Tensor],
-                        optimizer: torch.optim.Optimizer,
-                        scheduler: Any, scaler: Any, epoch: int, step_in_epoch: int, global_step: int,
-                        best: Dict[str, Any], config: Dict[str, Any]) -> None:
+def save_training_state(
+    path: str | Path,
+    *,
+    trainable: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: Any,
+    epoch: int,
+    step_in_epoch: int,
+    global_step: int,
+    best: dict[str, Any],
+    config: dict[str, Any],
+) -> None:
     """Write the full training state atomically.
 
     ``trainable`` is the state of the trainable heads *and* the loss (so loss parameters such as the InfoNCE logit
     scale are saved with it; the frozen backbone is rebuilt from the model config). ``epoch``/``step_in_epoch`` is
     the position of the next batch to run.
     """
-    atomic_torch_save({
-        "format": "metrank-train-state-v1",
-        "module": trainable,
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "rng": rng_state(),
-        "epoch": epoch,
-        "step_in_epoch": step_in_epoch,
-        "global_step": global_step,
-        "best": best,
-        "config": config,
-    }, path)
+    atomic_torch_save(
+        {
+            "format": "metrank-train-state-v1",
+            "module": trainable,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": rng_state(),
+            "epoch": epoch,
+            "step_in_epoch": step_in_epoch,
+            "global_step": global_step,
+            "best": best,
+            "config": config,
+        },
+        path,
+    )
 
 
-def load_training_state(path: Union[str, Path]) -> Dict[str, Any]:
+def load_training_state(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no training state to resume from at {str(path)!r}; run without --resume first")
+        raise MissingFileError(f"no training state to resume from at {str(path)!r}; run without --resume first")
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or state.get("format") != "metrank-train-state-v1":
-        raise ValueError(f"{str(path)!r} is not a metrank training state (written by metrank.training)")
+        raise StateError(f"{str(path)!r} is not a metrank training state (written by metrank.training)")
     return state

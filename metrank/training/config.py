@@ -6,16 +6,20 @@ float and ``data.kwargs={vendors: [google]}`` a dict). Free-form ``kwargs`` dict
 (``create_model``, ``create_dataset``, ``create_loss``, ``create_miner``, ``create_sampler``), whose registries
 reject unknown names with the list of valid ones.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Union
 
 import yaml
+
+from metrank.errors import ConfigError, MissingFileError
 
 TASKS = ("image_text", "metric")
 
@@ -23,20 +27,20 @@ TASKS = ("image_text", "metric")
 @dataclass
 class ModelConfig:
     name: str = "lite0-minilm"  # any metrank.encoders.create_model name
-    pretrained: Union[bool, str, None] = True
-    kwargs: Dict[str, Any] = field(default_factory=dict)  # e.g. {embed_dim: 256}
+    pretrained: bool | str | None = True
+    kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {embed_dim: 256}
 
 
 @dataclass
 class DataConfig:
     dataset: str = "emoji"  # any metrank.data.create_dataset name
-    root: Optional[str] = None
+    root: str | None = None
     train_split: str = "train"
     eval_split: str = "test"
-    kwargs: Dict[str, Any] = field(default_factory=dict)  # passed to create_dataset for both splits
+    kwargs: dict[str, Any] = field(default_factory=dict)  # passed to create_dataset for both splits
     fetch: bool = True  # fetch the dataset through metrank.data when it is missing
-    max_classes: Optional[int] = None  # keep only the first N classes / identities of each split (small runs)
-    max_per_class: Optional[int] = None  # and only the first N items (images) of each class
+    max_classes: int | None = None  # keep only the first N classes / identities of each split (small runs)
+    max_per_class: int | None = None  # and only the first N items (images) of each class
     # image_text: what makes two images "the same" (positives of each other, never negatives; a caption hits on
     # any of them): "labels" = the dataset's image_labels (emoji: the identity drawn by several vendors),
     # "image" = each image is its own identity (Tux Paint, COCO: the caption describes that one picture)
@@ -48,19 +52,19 @@ class LossConfig:
     name: str = "infonce"  # any metrank.losses.create_loss name
     # e.g. {margin: 0.2, warmup_steps: 200} for hard_negative: losses with a ``step()`` method (warm-up schedules)
     # are stepped once per optimizer step
-    kwargs: Dict[str, Any] = field(default_factory=dict)
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class MinerConfig:
-    name: Optional[str] = None  # any metrank.miners.create_miner name; null = no miner (all pairs)
-    kwargs: Dict[str, Any] = field(default_factory=dict)
+    name: str | None = None  # any metrank.miners.create_miner name; null = no miner (all pairs)
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class SamplerConfig:
     name: str = "unique_id"  # any metrank.samplers.create_sampler name
-    kwargs: Dict[str, Any] = field(default_factory=dict)  # e.g. {p: 32, k: 4}; batch_size is added when absent
+    kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {p: 32, k: 4}; batch_size is added when absent
 
 
 @dataclass
@@ -69,7 +73,7 @@ class OptimConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     momentum: float = 0.9  # sgd only
-    loss_lr: Optional[float] = None  # learning rate of loss parameters (e.g. InfoNCE logit scale); null = lr
+    loss_lr: float | None = None  # learning rate of loss parameters (e.g. InfoNCE logit scale); null = lr
     loss_weight_decay: float = 0.0
 
 
@@ -87,30 +91,30 @@ class TrainLoopConfig:
     seed: int = 0
     # dropout on the cached backbone features before the heads (training only; regularises small data sets)
     feature_dropout: float = 0.0
-    grad_clip: Optional[float] = None  # max global gradient norm; null = no clipping
+    grad_clip: float | None = None  # max global gradient norm; null = no clipping
     amp: bool = False  # autocast (bf16 on CPU, fp16/bf16 on CUDA)
     amp_dtype: str = "bfloat16"  # bfloat16 | float16
     device: str = "auto"  # auto | cpu | cuda
     # torch.set_num_threads for the head-training loop (after feature extraction): its small matmuls often run
     # faster on 1 thread, especially when other processes share the cores
-    threads: Optional[int] = None
+    threads: int | None = None
     feature_batch_size: int = 64
-    max_steps: Optional[int] = None  # stop after this many optimizer steps (the schedule still spans all epochs)
-    checkpoint_every: Optional[int] = None  # also write the training state every N steps (mid-epoch resume)
+    max_steps: int | None = None  # stop after this many optimizer steps (the schedule still spans all epochs)
+    checkpoint_every: int | None = None  # also write the training state every N steps (mid-epoch resume)
 
 
 @dataclass
 class EvalConfig:
     every: int = 1  # evaluate every N epochs (and always after the last)
     at_start: bool = True  # evaluate the untrained heads as epoch 0
-    ks: List[int] = field(default_factory=lambda: [1, 5, 10])
-    select: Optional[str] = None  # metric that picks the best model; null = rsum (image_text) / R@1 (metric)
+    ks: list[int] = field(default_factory=lambda: [1, 5, 10])
+    select: str | None = None  # metric that picks the best model; null = rsum (image_text) / R@1 (metric)
 
 
 @dataclass
 class OutputConfig:
     dir: str = "runs/default"
-    cache_dir: Optional[str] = None  # feature cache; null = $METRANK_DATA/features (default ~/.cache/metrank/features)
+    cache_dir: str | None = None  # feature cache; null = $METRANK_DATA/features (default ~/.cache/metrank/features)
     tensorboard: bool = True  # write TensorBoard scalars when tensorboard is installed
     plot: bool = True
 
@@ -129,7 +133,7 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
@@ -142,10 +146,10 @@ def _type_ok(value: Any, tp: Any) -> bool:
         return any(_type_ok(value, arg) for arg in typing.get_args(tp))
     if tp is type(None):
         return value is None
-    if origin in (list, List):
+    if origin in (list, list):
         (item,) = typing.get_args(tp)
         return isinstance(value, list) and all(_type_ok(v, item) for v in value)
-    if origin in (dict, Dict):
+    if origin in (dict, dict):
         return isinstance(value, dict)
     if tp is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -170,17 +174,19 @@ def _yaml_float(text: str) -> Any:
         return text
 
 
-def _fill(obj: Any, values: Dict[str, Any], prefix: str) -> None:
+def _fill(obj: Any, values: dict[str, Any], prefix: str) -> None:
     """Set the fields of dataclass ``obj`` from ``values``, recursing into nested dataclasses."""
     if not isinstance(values, dict):
-        raise ValueError(f"config section {prefix.rstrip('.') or '<root>'!r} must be a mapping, got {values!r}")
+        raise ConfigError(f"config section {prefix.rstrip('.') or '<root>'!r} must be a mapping, got {values!r}")
     fields = {f.name: f for f in dataclasses.fields(obj)}
     hints = typing.get_type_hints(type(obj))
     for key, value in values.items():
         if key not in fields:
             valid = [prefix + k for k in fields]
-            raise ValueError(f"unknown config key {prefix + key!r}; {_nearest(prefix + key, valid)}"
-                             f"valid keys here: {', '.join(valid)}")
+            raise ConfigError(
+                f"unknown config key {prefix + key!r}; {_nearest(prefix + key, valid)}"
+                f"valid keys here: {', '.join(valid)}"
+            )
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             _fill(current, value, prefix + key + ".")
@@ -188,13 +194,13 @@ def _fill(obj: Any, values: Dict[str, Any], prefix: str) -> None:
         if isinstance(value, str) and _type_ok(1.0, hints[key]) and not _type_ok(value, hints[key]):
             value = _yaml_float(value)  # YAML 1.1 reads "1e-3" (no dot) as a string
         if not _type_ok(value, hints[key]):
-            raise ValueError(f"config key {prefix + key!r} must be {_type_name(hints[key])}, got {value!r}")
+            raise ConfigError(f"config key {prefix + key!r} must be {_type_name(hints[key])}, got {value!r}")
         if hints[key] is float and isinstance(value, int):
             value = float(value)
         setattr(obj, key, value)
 
 
-def _set_path(tree: Dict[str, Any], dotted: str, value: Any) -> None:
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = tree
     for part in parts[:-1]:
@@ -205,21 +211,21 @@ def _set_path(tree: Dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def parse_overrides(overrides: Sequence[str]) -> Dict[str, Any]:
+def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
     """``["train.lr=1e-3", "loss.kwargs.margin=0.2"]`` -> nested dict; values are parsed as YAML."""
-    tree: Dict[str, Any] = {}
+    tree: dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r} must look like key.sub=value (e.g. train.epochs=5)")
+            raise ConfigError(f"override {item!r} must look like key.sub=value (e.g. train.epochs=5)")
         key, raw = item.split("=", 1)
         key = key.strip().lstrip("-")
         if not key:
-            raise ValueError(f"override {item!r} has an empty key")
+            raise ConfigError(f"override {item!r} has an empty key")
         _set_path(tree, key, yaml.safe_load(raw) if raw.strip() else None)
     return tree
 
 
-def _merge(base: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "kwargs":
@@ -231,47 +237,50 @@ def _merge(base: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def config_from_dict(values: Dict[str, Any]) -> TrainConfig:
+def config_from_dict(values: dict[str, Any]) -> TrainConfig:
     """Build and validate a :class:`TrainConfig` from a (nested) dict."""
     cfg = TrainConfig()
     _fill(cfg, values or {}, "")
     if cfg.task not in TASKS:
-        raise ValueError(f"config key 'task' must be one of {', '.join(TASKS)}, got {cfg.task!r}")
+        raise ConfigError(f"config key 'task' must be one of {', '.join(TASKS)}, got {cfg.task!r}")
     if cfg.data.pair_ids not in ("labels", "image"):
-        raise ValueError(f"data.pair_ids must be 'labels' or 'image', got {cfg.data.pair_ids!r}")
+        raise ConfigError(f"data.pair_ids must be 'labels' or 'image', got {cfg.data.pair_ids!r}")
     if cfg.optim.name not in ("adamw", "sgd"):
-        raise ValueError(f"unknown optimizer {cfg.optim.name!r}; valid names: adamw, sgd")
+        raise ConfigError(f"unknown optimizer {cfg.optim.name!r}; valid names: adamw, sgd")
     if cfg.schedule.name not in ("cosine", "constant"):
-        raise ValueError(f"unknown schedule {cfg.schedule.name!r}; valid names: constant, cosine")
+        raise ConfigError(f"unknown schedule {cfg.schedule.name!r}; valid names: constant, cosine")
     if cfg.train.amp_dtype not in ("bfloat16", "float16"):
-        raise ValueError(f"train.amp_dtype must be bfloat16 or float16, got {cfg.train.amp_dtype!r}")
-    for key, value in (("train.epochs", cfg.train.epochs), ("train.batch_size", cfg.train.batch_size),
-                       ("eval.every", cfg.eval.every)):
+        raise ConfigError(f"train.amp_dtype must be bfloat16 or float16, got {cfg.train.amp_dtype!r}")
+    for key, value in (
+        ("train.epochs", cfg.train.epochs),
+        ("train.batch_size", cfg.train.batch_size),
+        ("eval.every", cfg.eval.every),
+    ):
         if value < 1:
-            raise ValueError(f"{key} must be >= 1, got {value}")
+            raise ConfigError(f"{key} must be >= 1, got {value}")
     if not 0.0 <= cfg.train.feature_dropout < 1.0:
-        raise ValueError(f"train.feature_dropout must be in [0, 1), got {cfg.train.feature_dropout}")
+        raise ConfigError(f"train.feature_dropout must be in [0, 1), got {cfg.train.feature_dropout}")
     if cfg.optim.lr <= 0:
-        raise ValueError(f"optim.lr must be > 0, got {cfg.optim.lr}")
+        raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
     if cfg.train.max_steps is not None and cfg.train.max_steps < 1:
-        raise ValueError(f"train.max_steps must be >= 1 or null, got {cfg.train.max_steps}")
+        raise ConfigError(f"train.max_steps must be >= 1 or null, got {cfg.train.max_steps}")
     return cfg
 
 
-def load_config(path: Union[str, Path, None] = None, overrides: Sequence[str] = ()) -> TrainConfig:
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
     """Read a YAML config (or start from the defaults when ``path`` is None) and apply ``key.sub=value`` overrides."""
-    values: Dict[str, Any] = {}
+    values: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"config file {str(path)!r} not found")
+            raise MissingFileError(f"config file {str(path)!r} not found")
         values = yaml.safe_load(path.read_text()) or {}
         if not isinstance(values, dict):
-            raise ValueError(f"config file {str(path)!r} must hold a YAML mapping at the top level")
+            raise ConfigError(f"config file {str(path)!r} must hold a YAML mapping at the top level")
     return config_from_dict(_merge(values, parse_overrides(overrides)))
 
 
-def save_config(cfg: TrainConfig, path: Union[str, Path]) -> None:
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
     from metrank.atomic import atomic_write_bytes
 
     atomic_write_bytes(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())

@@ -8,13 +8,15 @@ one fixed feature vector (no random crops/flips). Image and text features are ca
 the tower (transform/tokenizer, backbone layers and exact weights) and the exact list of images (or captions)
 encoded, so changing any of them recomputes the features while models that differ only in their heads share them.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -57,44 +59,56 @@ def text_fingerprint(model: Any) -> str:
     return hashlib.sha1(f"{ids.tolist()}|{module_fingerprint(backbone)}".encode()).hexdigest()
 
 
-def feature_cache_key(fingerprint: str, description: Dict[str, Any]) -> str:
+def feature_cache_key(fingerprint: str, description: dict[str, Any]) -> str:
     """Hex key of (backbone fingerprint, description of the exact data encoded)."""
     payload = {"fingerprint": fingerprint, "data": description}
     return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 @torch.no_grad()
-def compute_image_features(model: Any, load_image: Callable[[int], Any], n: int, batch_size: int = 64,
-                           device: Union[str, torch.device] = "cpu", desc: str = "image features") -> torch.Tensor:
+def compute_image_features(
+    model: Any,
+    load_image: Callable[[int], Any],
+    n: int,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    desc: str = "image features",
+) -> torch.Tensor:
     """``model.image_features`` of images ``load_image(0..n-1)`` (PIL) through ``model.image_transform``."""
     model.eval()
-    out: List[torch.Tensor] = []
+    out: list[torch.Tensor] = []
     for start in tqdm(range(0, n, batch_size), desc=desc, unit="batch", disable=distributed.rank() != 0):
         pixels = torch.stack([model.image_transform(load_image(i)) for i in range(start, min(n, start + batch_size))])
         out.append(model.image_features(pixels.to(device)).float().cpu())
     return torch.cat(out) if out else torch.empty(0)
 
 
-def _to_device(tokens: Any, device: Union[str, torch.device]) -> Any:
+def _to_device(tokens: Any, device: str | torch.device) -> Any:
     if isinstance(tokens, torch.Tensor):
         return tokens.to(device)
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in dict(tokens).items()}
 
 
 @torch.no_grad()
-def compute_text_features(model: Any, texts: Sequence[str], batch_size: int = 256,
-                          device: Union[str, torch.device] = "cpu", desc: str = "text features") -> torch.Tensor:
+def compute_text_features(
+    model: Any,
+    texts: Sequence[str],
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    desc: str = "text features",
+) -> torch.Tensor:
     """``model.text_features`` of ``texts`` tokenised with ``model.tokenize``."""
     model.eval()
-    out: List[torch.Tensor] = []
+    out: list[torch.Tensor] = []
     for start in tqdm(range(0, len(texts), batch_size), desc=desc, unit="batch", disable=distributed.rank() != 0):
-        tokens = model.tokenize(list(texts[start:start + batch_size]))
+        tokens = model.tokenize(list(texts[start : start + batch_size]))
         out.append(model.text_features(_to_device(tokens, device)).float().cpu())
     return torch.cat(out) if out else torch.empty(0)
 
 
-def cached(cache_dir: Optional[Union[str, Path]], name: str, key: str,
-           compute: Callable[[], Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+def cached(
+    cache_dir: str | Path | None, name: str, key: str, compute: Callable[[], dict[str, torch.Tensor]]
+) -> dict[str, torch.Tensor]:
     """Load ``<cache_dir>/<name>-<key>.pt`` or compute it with ``compute()`` and write it atomically.
 
     Under ``torch.distributed`` rank 0 computes and writes while the other ranks wait, then read the file.

@@ -3,18 +3,20 @@
 Wrapping heads *and* loss in one module lets DDP synchronise the loss parameters (e.g. InfoNCE's learnable logit
 scale) together with the heads, and lets one state dict hold everything a resume needs.
 """
+
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from metrank import distributed
+from metrank.errors import InputError
 
 
-def find_head_parameters(model: nn.Module, image_dim: int, text_dim: Optional[int]) -> List[str]:
+def find_head_parameters(model: nn.Module, image_dim: int, text_dim: int | None) -> list[str]:
     """Names of the parameters the heads use: those that receive a gradient through ``image_head`` (and
     ``text_head``) from a probe batch of features. Works for any ``RetrievalModel`` whatever its head layout."""
     saved = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -34,7 +36,7 @@ def find_head_parameters(model: nn.Module, image_dim: int, text_dim: Optional[in
         p.requires_grad_(saved[name])
     model.train(was_training)
     if not names:
-        raise ValueError(f"{type(model).__name__}.image_head has no trainable parameters; nothing to train")
+        raise InputError(f"{type(model).__name__}.image_head has no trainable parameters; nothing to train")
     return names
 
 
@@ -49,8 +51,15 @@ class HeadsAndLoss(nn.Module):
       gathered from every rank (global negatives; with DDP the gradient equals that of the global-batch loss).
     """
 
-    def __init__(self, model: nn.Module, head_names: List[str], loss: nn.Module, task: str,
-                 miner: Optional[nn.Module] = None, feature_dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        head_names: list[str],
+        loss: nn.Module,
+        task: str,
+        miner: nn.Module | None = None,
+        feature_dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         self.model, self.loss, self.miner, self.task = model, loss, miner, task
         self.feature_dropout = nn.Dropout(feature_dropout)
@@ -65,8 +74,7 @@ class HeadsAndLoss(nn.Module):
     def embed_texts(self, feats: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.model.text_head(feats).float(), dim=-1)
 
-    def forward(self, image_feats: torch.Tensor, other: torch.Tensor,
-                ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, image_feats: torch.Tensor, other: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
         image_emb = self.embed_images(self.feature_dropout(image_feats))
         if self.task == "image_text":
             return self.loss(image_emb, self.embed_texts(self.feature_dropout(other)), ids)
@@ -75,14 +83,14 @@ class HeadsAndLoss(nn.Module):
         indices = self.miner(emb, labels) if self.miner is not None else None
         return self.loss(emb, labels, indices)
 
-    def head_parameters(self) -> List[nn.Parameter]:
+    def head_parameters(self) -> list[nn.Parameter]:
         params = dict(self.model.named_parameters())
         return [params[name] for name in self.head_names]
 
-    def loss_parameters(self) -> List[nn.Parameter]:
+    def loss_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.loss.parameters() if p.requires_grad]
 
-    def trainable_state(self) -> Dict[str, torch.Tensor]:
+    def trainable_state(self) -> dict[str, torch.Tensor]:
         """Parameters and buffers that training changes: heads (+ buffers of head modules) and loss state.
 
         The frozen backbone is rebuilt from the model config on resume, so it is not part of the state."""
@@ -90,16 +98,18 @@ class HeadsAndLoss(nn.Module):
         state = {}
         for name, value in self.state_dict().items():
             if name.startswith("model."):
-                inner = name[len("model."):]
+                inner = name[len("model.") :]
                 if inner not in self.head_names and inner.rsplit(".", 1)[0] not in prefixes:
                     continue
             state[name] = value.detach().clone()
         return state
 
-    def load_trainable_state(self, state: Dict[str, Any]) -> None:
+    def load_trainable_state(self, state: dict[str, Any]) -> None:
         missing = set(self.trainable_state()) - set(state)
         unexpected = set(state) - set(self.state_dict())
         if missing or unexpected:
-            raise ValueError(f"training state does not match the model: missing {sorted(missing)[:5]}, "
-                             f"unexpected {sorted(unexpected)[:5]}; was it written with another model config?")
+            raise InputError(
+                f"training state does not match the model: missing {sorted(missing)[:5]}, "
+                f"unexpected {sorted(unexpected)[:5]}; was it written with another model config?"
+            )
         self.load_state_dict(state, strict=False)

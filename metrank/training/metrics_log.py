@@ -1,11 +1,13 @@
 """Per-epoch metrics log: JSONL (append) + CSV (rewritten atomically) + TensorBoard when installed, and a PNG plot."""
+
 from __future__ import annotations
 
 import csv
 import io
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any
 
 from metrank.atomic import atomic_write_bytes
 
@@ -18,15 +20,17 @@ class MetricsLog:
     epoch are dropped so the log matches the training state.
     """
 
-    def __init__(self, out_dir: Path, *, resume_epoch: Optional[int] = None, tensorboard: bool = True,
-                 plot: bool = True) -> None:
+    def __init__(
+        self, out_dir: Path, *, resume_epoch: int | None = None, tensorboard: bool = True, plot: bool = True
+    ) -> None:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl = self.out_dir / "metrics.jsonl"
-        self.records: List[Dict[str, Any]] = []
+        self.records: list[dict[str, Any]] = []
         if resume_epoch is not None and self.jsonl.is_file():
-            self.records = [r for r in map(json.loads, self.jsonl.read_text().splitlines())
-                            if r["epoch"] < resume_epoch]
+            self.records = [
+                r for r in map(json.loads, self.jsonl.read_text().splitlines()) if r["epoch"] < resume_epoch
+            ]
         self._write_jsonl()
         self.plot_enabled = plot
         self.writer = None
@@ -41,7 +45,7 @@ class MetricsLog:
     def _write_jsonl(self) -> None:
         atomic_write_bytes(self.jsonl, "".join(json.dumps(r) + "\n" for r in self.records).encode())
 
-    def log(self, record: Dict[str, Any]) -> None:
+    def log(self, record: dict[str, Any]) -> None:
         self.records.append(record)
         with open(self.jsonl, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -55,7 +59,7 @@ class MetricsLog:
             plot_curves(self.records, self.out_dir / "curves.png")
 
     def _write_csv(self) -> None:
-        columns: List[str] = []
+        columns: list[str] = []
         for record in self.records:
             columns += [k for k in record if k not in columns]
         buf = io.StringIO()
@@ -69,15 +73,15 @@ class MetricsLog:
             self.writer.close()
 
 
-def recall_keys(records: Sequence[Dict[str, Any]]) -> List[str]:
+def recall_keys(records: Sequence[dict[str, Any]]) -> list[str]:
     """The Recall@K columns present in ``records`` (``R@1``, ``t2i_R@5``, ...) in first-seen order."""
-    keys: List[str] = []
+    keys: list[str] = []
     for record in records:
         keys += [k for k in record if "R@" in k and k not in keys and not k.startswith("MAP")]
     return keys
 
 
-def plot_curves(records: Sequence[Dict[str, Any]], path: Path, title: Optional[str] = None) -> None:
+def plot_curves(records: Sequence[dict[str, Any]], path: Path, title: str | None = None) -> None:
     """Two panels: training loss per epoch, and every Recall@K column per epoch (matplotlib, Agg backend)."""
     import matplotlib
 

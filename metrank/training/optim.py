@@ -1,27 +1,35 @@
 """Optimizer (adamw | sgd) with a separate parameter group for loss parameters, and the learning-rate schedule."""
+
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
+from metrank.errors import ConfigError
 from metrank.training.config import OptimConfig, ScheduleConfig
 
 
-def build_optimizer(cfg: OptimConfig, head_params: Sequence[torch.nn.Parameter],
-                    loss_params: Sequence[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def build_optimizer(
+    cfg: OptimConfig, head_params: Sequence[torch.nn.Parameter], loss_params: Sequence[torch.nn.Parameter]
+) -> torch.optim.Optimizer:
     """Heads use ``lr``/``weight_decay``; loss parameters (e.g. a learnable logit scale) use ``loss_lr`` (default
     ``lr``) and ``loss_weight_decay`` (default 0: decaying a temperature towards 0 is never wanted)."""
     groups = [{"params": list(head_params), "weight_decay": cfg.weight_decay, "lr": cfg.lr}]
     if loss_params:
-        groups.append({"params": list(loss_params), "weight_decay": cfg.loss_weight_decay,
-                       "lr": cfg.loss_lr if cfg.loss_lr is not None else cfg.lr})
+        groups.append(
+            {
+                "params": list(loss_params),
+                "weight_decay": cfg.loss_weight_decay,
+                "lr": cfg.loss_lr if cfg.loss_lr is not None else cfg.lr,
+            }
+        )
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr)
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-    raise ValueError(f"unknown optimizer {cfg.name!r}; valid names: adamw, sgd")
+    raise ConfigError(f"unknown optimizer {cfg.name!r}; valid names: adamw, sgd")
 
 
 def lr_factor(step: int, total_steps: int, cfg: ScheduleConfig) -> float:
@@ -36,8 +44,9 @@ def lr_factor(step: int, total_steps: int, cfg: ScheduleConfig) -> float:
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(cfg: ScheduleConfig, optimizer: torch.optim.Optimizer,
-                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    cfg: ScheduleConfig, optimizer: torch.optim.Optimizer, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     if cfg.name not in ("cosine", "constant"):
-        raise ValueError(f"unknown schedule {cfg.name!r}; valid names: constant, cosine")
+        raise ConfigError(f"unknown schedule {cfg.name!r}; valid names: constant, cosine")
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, cfg))
