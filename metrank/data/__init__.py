@@ -16,10 +16,10 @@ from metrank.data.emoji import fetch_emoji, load_emoji
 from metrank.data.fashion_mnist import load_fashion_mnist
 from metrank.data.fetch import fetch_dataset
 from metrank.data.folder import load_image_folder
-from metrank.data.images import ImageLoadError, open_rgb, to_rgb
 from metrank.data.metric_sets import load_cars196, load_cub, load_inshop, load_sop
 from metrank.data.root import data_root
 from metrank.data.tuxpaint import load_tuxpaint
+from metrank.images import ImageLoadError, open_rgb, to_rgb
 from metrank.registry import Registry
 
 DATASETS: Registry = Registry("dataset")

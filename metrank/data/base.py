@@ -23,8 +23,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from metrank.data.images import ImageLoadError, open_rgb
 from metrank.errors import InputError, MissingFileError
+from metrank.images import ImageLoadError, open_rgb
 
 ON_ERROR = ("raise", "skip")
 Loader = Callable[[Any], Image.Image]

@@ -18,9 +18,9 @@ import warnings
 from PIL import Image
 
 from metrank.data.base import ImageTextDataset, remap_labels
-from metrank.data.images import ImageLoadError, open_rgb, to_rgb
 from metrank.data.splits import check_split, held_out_classes, in_split
 from metrank.errors import InputError, MissingFileError
+from metrank.images import ImageLoadError, open_rgb, to_rgb
 
 TUXPAINT_DIR = "/usr/share/tuxpaint/stamps"
 SVG_SIZE = 256

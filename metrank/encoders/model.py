@@ -174,7 +174,7 @@ class RetrievalModel(nn.Module):
 
     def embed_images(self, images: Sequence[ImageInput], batch_size: int = 64, progress: bool = True) -> np.ndarray:
         """Normalised embeddings ``np.float32 [N, D]`` of PIL images (or image file paths), in eval mode."""
-        from metrank.data.images import open_rgb
+        from metrank.images import open_rgb
 
         def to_batch(chunk: Sequence[ImageInput]) -> torch.Tensor:
             return torch.stack([self.image_transform(open_rgb(im) if isinstance(im, str) else im) for im in chunk])

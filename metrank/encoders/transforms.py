@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from metrank.data.images import to_rgb
 from metrank.errors import InputError
+from metrank.images import to_rgb
 
 INTERPOLATIONS = {
     "bicubic": T.InterpolationMode.BICUBIC,

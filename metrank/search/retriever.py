@@ -84,7 +84,7 @@ def _open_image(image: ImageInput):
     """RGB PIL image (transparency composited on white, as in training) from a path or a PIL image."""
     from PIL import Image
 
-    from metrank.data.images import open_rgb, to_rgb
+    from metrank.images import open_rgb, to_rgb
 
     return to_rgb(image) if isinstance(image, Image.Image) else open_rgb(image)
 

@@ -32,8 +32,8 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
 from metrank.atomic import atomic_write_bytes
-from metrank.data.images import to_rgb
-from metrank.errors import InputError
+from metrank.errors import InputError, MetrankError, MissingFileError, NotFoundError
+from metrank.images import to_rgb
 from metrank.search.retriever import Hit, Retriever
 
 STATIC_DIR = os.path.join(os.path.dirname(__file__), "static")
@@ -226,17 +226,10 @@ def create_app(
     async def _http_error(request: Request, err: HTTPError):
         return JSONResponse({"detail": err.detail}, status_code=err.status)
 
-    @app.exception_handler(ValueError)
-    async def _value_error(request: Request, err: ValueError):
-        return JSONResponse({"detail": str(err)}, status_code=400)
-
-    @app.exception_handler(KeyError)
-    async def _key_error(request: Request, err: KeyError):
-        return JSONResponse({"detail": str(err.args[0]) if err.args else "not found"}, status_code=404)
-
-    @app.exception_handler(FileNotFoundError)
-    async def _not_found(request: Request, err: FileNotFoundError):
-        return JSONResponse({"detail": str(err)}, status_code=404)
+    @app.exception_handler(MetrankError)
+    async def _metrank_error(request: Request, err: MetrankError):
+        status = 404 if isinstance(err, (NotFoundError, MissingFileError)) else 400
+        return JSONResponse({"detail": str(err)}, status_code=status)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, err: RequestValidationError):

@@ -7,8 +7,10 @@ import os
 
 from PIL import Image, UnidentifiedImageError
 
+from metrank.errors import InputError
 
-class ImageLoadError(ValueError):
+
+class ImageLoadError(InputError):
     """An image file is missing, truncated or not an image; ``path`` says which."""
 
     def __init__(self, path: str, reason: str) -> None:
@@ -37,5 +39,5 @@ def open_rgb(path: str | os.PathLike) -> Image.Image:
             return to_rgb(image)
     except FileNotFoundError:
         raise ImageLoadError(path, "file not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as err:
         raise ImageLoadError(path, f"{type(err).__name__}: {err}") from None
