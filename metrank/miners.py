@@ -9,14 +9,15 @@ needs a few MiB of working memory plus the returned indices.
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
 from metrank.errors import InputError
+from metrank.pairs import DISTANCES, ChecksInputs, LossInputs, label_masks, ranking_distance
 from metrank.registry import Registry
+from metrank.validation import check_choice
 
 MINERS: Registry[nn.Module] = Registry("miner")
 
@@ -24,14 +25,12 @@ MINERS: Registry[nn.Module] = Registry("miner")
 _CHUNK_ELEMENTS = 1 << 22
 
 
-class BaseMiner(nn.Module):
+class BaseMiner(ChecksInputs):
     """Validates inputs, builds the (no-grad) ranking distance and label masks, then calls :meth:`mine`."""
 
     def __init__(self, distance: str = "euclidean") -> None:
         super().__init__()
-        if distance not in ("euclidean", "cosine"):
-            raise InputError(f"distance must be 'euclidean' or 'cosine', got {distance!r}")
-        self.distance = distance
+        self.distance = check_choice(distance, DISTANCES, "distance")
 
     @torch.no_grad()
     def forward(
@@ -41,15 +40,14 @@ class BaseMiner(nn.Module):
         ref_emb: torch.Tensor | None = None,
         ref_labels: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, ...]:
-        # Deferred: metrank.losses (its CPRD module) imports this module while the package loads.
-        from metrank.losses.base import label_masks, prepare_inputs, ranking_distance
-
-        inputs = prepare_inputs(embeddings, labels, ref_emb, ref_labels)
+        inputs = self.prepare_inputs(embeddings, labels, ref_emb, ref_labels)
         dist = ranking_distance(inputs.embeddings.detach(), inputs.ref_emb.detach(), self.distance)
         pos, neg = label_masks(inputs)
         return self.mine(dist, pos, neg, inputs)
 
-    def mine(self, dist: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, inputs: Any) -> tuple[torch.Tensor, ...]:
+    def mine(
+        self, dist: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, inputs: LossInputs
+    ) -> tuple[torch.Tensor, ...]:
         raise NotImplementedError
 
 
@@ -93,6 +91,7 @@ class TripletMarginMiner(BaseMiner):
         return torch.cat(out_a), torch.cat(out_p), torch.cat(out_n)
 
 
+@MINERS.register("batch_hard")
 class BatchHardMiner(BaseMiner):
     """Batch-hard triplets (Hermans et al. 2017): per anchor its farthest positive and its closest negative.
 
@@ -106,6 +105,7 @@ class BatchHardMiner(BaseMiner):
         return anchors, hardest_pos[anchors], hardest_neg[anchors]
 
 
+@MINERS.register("cross_modal_hardest")
 class CrossModalHardestMiner(BaseMiner):
     """VSE++ max-violation triplets: every positive pair ``(a, p)`` with the hardest negative of its anchor.
 
@@ -122,6 +122,7 @@ class CrossModalHardestMiner(BaseMiner):
         return a, p, hardest_neg[a]
 
 
+@MINERS.register("topk_hardest")
 class TopKHardestNegativeMiner(BaseMiner):
     """The ``k`` hardest negatives of every anchor, returned as ``(a, n)`` with ``len(a) == B·k``.
 
@@ -148,12 +149,22 @@ class TopKHardestNegativeMiner(BaseMiner):
         return a, n.flatten()
 
 
-MINERS.register("all")(partial(TripletMarginMiner, type_of_triplets="all"))
-MINERS.register("semi_hard")(partial(TripletMarginMiner, type_of_triplets="semihard"))
-MINERS.register("hard")(partial(TripletMarginMiner, type_of_triplets="hard"))
-MINERS.register("batch_hard")(BatchHardMiner)
-MINERS.register("cross_modal_hardest")(CrossModalHardestMiner)
-MINERS.register("topk_hardest")(TopKHardestNegativeMiner)
+@MINERS.register("all")
+def all_triplets_miner(margin: float = 0.2, distance: str = "euclidean") -> TripletMarginMiner:
+    """Every triplet with a non-zero triplet loss (``d_an − d_ap ≤ margin``)."""
+    return TripletMarginMiner(margin, "all", distance)
+
+
+@MINERS.register("semi_hard")
+def semi_hard_miner(margin: float = 0.2, distance: str = "euclidean") -> TripletMarginMiner:
+    """Semi-hard triplets (FaceNet): ``0 < d_an − d_ap ≤ margin``."""
+    return TripletMarginMiner(margin, "semihard", distance)
+
+
+@MINERS.register("hard")
+def hard_miner(margin: float = 0.2, distance: str = "euclidean") -> TripletMarginMiner:
+    """Hard triplets: the negative is at least as close as the positive (``d_an − d_ap ≤ 0``)."""
+    return TripletMarginMiner(margin, "hard", distance)
 
 
 def create_miner(name: str, **kwargs: Any) -> nn.Module:

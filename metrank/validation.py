@@ -1,6 +1,14 @@
-"""Input checks shared by metrics, indexes and losses: every failure is a ``ValueError`` that names the problem."""
+"""Input checks shared by metrics, indexes, losses and miners: every failure is an ``InputError`` naming the problem.
+
+Shape and dtype checks are free and always run. Value checks (finite entries, unit norms) read the data, which on a
+GPU is a device-to-host sync; losses and miners therefore run them on their first call only, and on every call
+while debug checks are on (:func:`set_debug_checks` or the environment variable ``METRANK_DEBUG_CHECKS=1``).
+"""
 
 from __future__ import annotations
+
+import os
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -9,9 +17,30 @@ from metrank.errors import InputError
 
 Array = np.ndarray | torch.Tensor
 
+_debug_checks = os.environ.get("METRANK_DEBUG_CHECKS", "") not in ("", "0")
 
-def check_embeddings(x: Array, name: str = "embeddings", dim: int | None = None) -> Array:
-    """Check a 2-D float matrix of embeddings: non-empty, finite, and (optionally) ``dim`` columns wide.
+
+def set_debug_checks(enabled: bool) -> None:
+    """Run value checks (finite, normalised) on every loss and miner call, not only the first one."""
+    global _debug_checks
+    _debug_checks = bool(enabled)
+
+
+def debug_checks() -> bool:
+    """Whether value checks run on every call (see :func:`set_debug_checks`)."""
+    return _debug_checks
+
+
+def check_choice(value: str, choices: Sequence[str], name: str) -> str:
+    """``value`` if it is one of ``choices``, else an ``InputError`` listing them."""
+    if value not in choices:
+        raise InputError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
+def check_embeddings(x: Array, name: str = "embeddings", dim: int | None = None, values: bool = True) -> Array:
+    """Check a 2-D float matrix of embeddings: non-empty, (optionally) ``dim`` columns wide, and finite unless
+    ``values=False``.
 
     Returns the input unchanged (numpy arrays of other float dtypes are not converted here).
     """
@@ -26,6 +55,8 @@ def check_embeddings(x: Array, name: str = "embeddings", dim: int | None = None)
         raise InputError(f"{name} is empty (shape {tuple(x.shape)})")
     if dim is not None and x.shape[1] != dim:
         raise InputError(f"{name} has dimension {x.shape[1]} but {dim} was expected")
+    if not values:
+        return x
     finite = torch.isfinite(x.detach()).all().item() if isinstance(x, torch.Tensor) else np.isfinite(x).all()
     if not finite:
         bad = (

@@ -1,8 +1,9 @@
-"""Ranking losses with the pytorch-metric-learning calling convention
-``loss(embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None) -> scalar``.
+"""Ranking losses. Each declares its contract by its base class (:mod:`metrank.losses.base`):
+:class:`PairwiseLoss` in the pytorch-metric-learning form ``loss(embeddings, labels, indices_tuple=None, ref_emb=None,
+ref_labels=None)``, or :class:`PairedLoss` in the image–text form ``loss(image_emb, text_emb, ids, **extra)``.
 
-``create_loss(name, **kw)`` builds one by name; :class:`CrossModalLoss` turns any of them into the symmetric
-image↔text form ``loss(image_emb, text_emb, ids)`` with global negatives under DDP.
+``create_loss(name, **kw)`` builds one by name; :class:`CrossModalLoss` turns any pairwise loss (metrank's or PML's)
+into the symmetric image↔text form with global negatives under DDP.
 """
 
 from __future__ import annotations
@@ -11,44 +12,43 @@ from typing import Any
 
 from torch import nn
 
-from metrank.registry import Registry
-
-LOSSES: Registry[nn.Module] = Registry("loss")
-
-from metrank.losses.base import NoValidTupleWarning  # noqa: E402
-from metrank.losses.cross_modal import CrossModalLoss  # noqa: E402
-from metrank.losses.hard_negative import HardNegativeLoss, TripletAlignmentLoss  # noqa: E402
-from metrank.losses.infonce import InfoNCELoss, MultipleNegativesRankingLoss  # noqa: E402
-from metrank.losses.quadruplet import CrossModalQuadrupletLoss, QuadrupletLoss  # noqa: E402
-from metrank.losses.triplet import TripletMarginLoss  # noqa: E402
-
-LOSSES.register("triplet")(TripletMarginLoss)
-LOSSES.register("hard_negative")(HardNegativeLoss)
-LOSSES.register("tal")(TripletAlignmentLoss)
-LOSSES.register("quadruplet")(QuadrupletLoss)
-LOSSES.register("cross_modal_quadruplet")(CrossModalQuadrupletLoss)
-LOSSES.register("infonce")(InfoNCELoss)
-LOSSES.register("mnr")(MultipleNegativesRankingLoss)
-
-from metrank.losses import contextual, cprd  # noqa: E402,F401  (register "contextual" and "cprd")
+from metrank.losses.base import LOSSES, NoValidTupleWarning, PairedLoss, PairwiseLoss
+from metrank.losses.contextual import ContextualLoss
+from metrank.losses.cprd import CPRDLoss, LogitDistillationLoss
+from metrank.losses.cross_modal import CrossModalLoss
+from metrank.losses.hard_negative import HardNegativeLoss, TripletAlignmentLoss
+from metrank.losses.infonce import InfoNCELoss, MultipleNegativesRankingLoss
+from metrank.losses.quadruplet import CrossModalQuadrupletLoss, QuadrupletLoss
+from metrank.losses.triplet import TripletMarginLoss
 
 
 def create_loss(name: str, **kwargs: Any) -> nn.Module:
-    """Build a registered loss: "triplet", "hard_negative", "tal", "quadruplet", "cross_modal_quadruplet",
-    "infonce", "mnr", "contextual", "cprd", "logit_kd"."""
+    """Build a registered loss by name (``LOSSES.names()`` lists them)."""
     return LOSSES.create(name, **kwargs)
+
+
+def is_paired(name: str) -> bool:
+    """Whether the loss registered as ``name`` takes paired image–text batches (:class:`PairedLoss`)."""
+    entry = LOSSES.get(name)
+    return isinstance(entry, type) and issubclass(entry, PairedLoss)
 
 
 __all__ = [
     "LOSSES",
-    "create_loss",
+    "CPRDLoss",
+    "ContextualLoss",
     "CrossModalLoss",
     "CrossModalQuadrupletLoss",
     "HardNegativeLoss",
     "InfoNCELoss",
+    "LogitDistillationLoss",
     "MultipleNegativesRankingLoss",
     "NoValidTupleWarning",
+    "PairedLoss",
+    "PairwiseLoss",
     "QuadrupletLoss",
     "TripletAlignmentLoss",
     "TripletMarginLoss",
+    "create_loss",
+    "is_paired",
 ]

@@ -1,152 +1,60 @@
-"""Pieces shared by every metrank loss and miner: input checks, similarity/distance matrices, label masks,
-reduction and the documented zero-loss path.
+"""The two loss contracts, the loss registry, reduction and the documented zero-loss path.
 
-Conventions (pytorch-metric-learning, "PML"): anchors are the rows of ``embeddings``; positives and negatives are
-rows of ``ref_emb``. Without ``ref_emb`` the reference set is ``embeddings`` itself and the self-pair ``(i, i)`` is
-neither a positive nor a negative; an explicit ``ref_emb`` (even the same tensor) is a separate reference set, so
-``(i, i)`` is compared like any other pair. All losses take L2-normalised embeddings; ``S = embeddings @ ref_embᵀ`` is the cosine similarity.
+Every loss declares its calling convention by its base class:
+
+- :class:`PairwiseLoss` — pytorch-metric-learning's form ``loss(embeddings, labels, indices_tuple=None,
+  ref_emb=None, ref_labels=None)``: anchors from ``embeddings``, positives/negatives from ``ref_emb``; one direction.
+  Used as is for class-label metric learning; ``CrossModalLoss(loss)`` makes any of them (and any PML loss) a
+  symmetric image↔text loss.
+- :class:`PairedLoss` — image–text form ``loss(image_emb, text_emb, ids, **extra)``: row ``i`` of both is a
+  matching pair, ``ids[i]`` its image id (rows sharing an id are positives of each other); ``extra`` carries what a
+  loss needs beyond the embeddings (raw inputs for a CPRD teacher, caption ids).
+
+Input conventions (PML reference sets, label masks, distances) live in :mod:`metrank.pairs`.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import Any
 
 import torch
-from pytorch_metric_learning import distances as pml_distances
 from pytorch_metric_learning import reducers as pml_reducers
 
-from metrank.errors import InputError
-from metrank.validation import check_embeddings, check_labels
+from metrank.pairs import ChecksInputs, IndicesTuple
+from metrank.registry import Registry
+from metrank.validation import check_choice
 
-IndicesTuple = tuple[torch.Tensor, ...]
+LOSSES: Registry[torch.nn.Module] = Registry("loss")
 REDUCTIONS = ("mean_active", "mean", "sum")
-DISTANCES = ("euclidean", "cosine")
 
 
 class NoValidTupleWarning(UserWarning):
     """A batch had no positive pair / valid triplet or quadruplet, so the loss is a graph-attached zero."""
 
 
-@dataclass
-class LossInputs:
-    """Validated loss inputs; ``self_ref`` is True when the reference set is the anchor set itself."""
+class PairwiseLoss(ChecksInputs):
+    """A one-directional loss in pytorch-metric-learning's calling convention (see the module docstring)."""
 
-    embeddings: torch.Tensor
-    labels: torch.Tensor
-    ref_emb: torch.Tensor
-    ref_labels: torch.Tensor
-    self_ref: bool
-
-
-def check_normalized(x: torch.Tensor, name: str = "embeddings") -> torch.Tensor:
-    """Raise ``ValueError`` unless every row of ``x`` has unit L2 norm (1e-3 tolerance, 1e-2 for 16-bit floats)."""
-    tol = 1e-2 if x.dtype in (torch.float16, torch.bfloat16) else 1e-3
-    norms = x.detach().float().norm(dim=1)
-    bad = ((norms - 1).abs() > tol).nonzero().flatten()
-    if bad.numel():
-        raise InputError(
-            f"{name} must be L2-normalised (rows {bad[:5].tolist()} have norms "
-            f"{norms[bad[:5]].tolist()}); apply torch.nn.functional.normalize(x, dim=1) first"
-        )
-    return x
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        indices_tuple: IndicesTuple | None = None,
+        ref_emb: torch.Tensor | None = None,
+        ref_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        raise NotImplementedError
 
 
-def prepare_inputs(
-    embeddings: torch.Tensor,
-    labels: torch.Tensor,
-    ref_emb: torch.Tensor | None = None,
-    ref_labels: torch.Tensor | None = None,
-) -> LossInputs:
-    """Validate PML-convention inputs (finite, normalised floats; integer labels of matching length)."""
-    check_embeddings(embeddings, "embeddings")
-    check_normalized(embeddings, "embeddings")
-    if not isinstance(labels, torch.Tensor):
-        raise InputError(f"labels must be a torch tensor, got {type(labels).__name__}")
-    check_labels(labels, embeddings.shape[0], "labels")
-    if ref_emb is None:
-        if ref_labels is not None and ref_labels is not labels and not torch.equal(ref_labels, labels):
-            raise InputError("ref_labels was given without ref_emb; pass ref_emb too or drop ref_labels")
-        return LossInputs(embeddings, labels, embeddings, labels, True)
-    check_embeddings(ref_emb, "ref_emb", dim=embeddings.shape[1])
-    check_normalized(ref_emb, "ref_emb")
-    if ref_labels is None:
-        raise InputError("ref_emb needs ref_labels (the label of every reference row)")
-    if not isinstance(ref_labels, torch.Tensor):
-        raise InputError(f"ref_labels must be a torch tensor, got {type(ref_labels).__name__}")
-    check_labels(ref_labels, ref_emb.shape[0], "ref_labels")
-    return LossInputs(embeddings, labels, ref_emb, ref_labels, False)
+class PairedLoss(ChecksInputs):
+    """A loss over a paired image–text batch: ``forward(image_emb, text_emb, ids, **extra)``."""
 
+    def forward(self, image_emb: torch.Tensor, text_emb: torch.Tensor, ids: torch.Tensor, **extra: Any) -> torch.Tensor:
+        raise NotImplementedError
 
-def check_choice(value: str, choices: Sequence[str], name: str) -> str:
-    if value not in choices:
-        raise InputError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-    return value
-
-
-def similarity_matrix(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity ``S = x yᵀ`` of L2-normalised rows."""
-    return x @ y.t()
-
-
-def squared_euclidean(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``‖x_i − y_j‖² = 2 − 2 S_ij`` for L2-normalised rows, clamped at 0 against rounding."""
-    return (2 - 2 * similarity_matrix(x, y)).clamp_min(0)
-
-
-def pml_distance(name: str) -> pml_distances.BaseDistance:
-    """The PML distance object for ``"euclidean"`` (L2, no re-normalisation) or ``"cosine"`` (cosine similarity)."""
-    check_choice(name, DISTANCES, "distance")
-    if name == "euclidean":
-        return pml_distances.LpDistance(normalize_embeddings=False, p=2, power=1)
-    return pml_distances.CosineSimilarity()
-
-
-def ranking_distance(x: torch.Tensor, y: torch.Tensor, distance: str) -> torch.Tensor:
-    """A B×M matrix that is small for close pairs, used for mining.
-
-    ``"euclidean"`` is ``torch.cdist`` (exactly what PML's ``LpDistance`` computes); ``"cosine"`` is the negated
-    similarity ``−S``, which orders pairs and measures margins exactly like the cosine distance ``1 − S``.
-    """
-    check_choice(distance, DISTANCES, "distance")
-    return torch.cdist(x, y) if distance == "euclidean" else -similarity_matrix(x, y)
-
-
-def label_masks(inputs: LossInputs) -> tuple[torch.Tensor, torch.Tensor]:
-    """Boolean B×M masks ``(positive, negative)`` from ``labels`` vs ``ref_labels``; self-pairs excluded."""
-    pos = inputs.labels[:, None] == inputs.ref_labels[None, :]
-    neg = ~pos
-    if inputs.self_ref:
-        pos.fill_diagonal_(False)
-    return pos, neg
-
-
-def pair_masks(inputs: LossInputs, indices_tuple: IndicesTuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positive/negative masks from labels, or restricted to the pairs of a miner's ``indices_tuple``.
-
-    ``(a, p, n)`` and ``(a1, p, a2, n)`` give both masks; ``(a, n)`` (e.g. ``topk_hardest``) keeps the label
-    positives and restricts the negatives to the given pairs.
-    """
-    pos, neg = label_masks(inputs)
-    if indices_tuple is None:
-        return pos, neg
-    if len(indices_tuple) == 2:
-        a, n = indices_tuple
-        mined_neg = torch.zeros_like(neg)
-        mined_neg[a, n] = True
-        return pos, neg & mined_neg
-    if len(indices_tuple) == 3:
-        a1, p, n = indices_tuple
-        a2 = a1
-    elif len(indices_tuple) == 4:
-        a1, p, a2, n = indices_tuple
-    else:
-        raise InputError(f"indices_tuple must have 2, 3 or 4 index tensors, got {len(indices_tuple)}")
-    mined_pos, mined_neg = torch.zeros_like(pos), torch.zeros_like(neg)
-    mined_pos[a1, p] = True
-    mined_neg[a2, n] = True
-    return pos & mined_pos, neg & mined_neg
+    def step(self) -> None:
+        """Advance a schedule (e.g. a warm-up) by one optimiser step; the trainer calls it after each step."""
 
 
 _PML_REDUCERS = {
@@ -174,4 +82,4 @@ def zero_loss(*tensors: torch.Tensor, reason: str) -> torch.Tensor:
     still runs the backward of the gather.
     """
     warnings.warn(f"{reason}; returning a zero loss for this batch", NoValidTupleWarning, stacklevel=3)
-    return sum(t.sum() * 0 for t in tensors)
+    return torch.stack([t.sum() * 0 for t in tensors]).sum()

@@ -21,11 +21,9 @@ With S the cosine similarity matrix of a batch, D = max(2 - 2S, 0) and labels Y 
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 
 from metrank.errors import InputError
-from metrank.losses import LOSSES
-from metrank.losses.base import prepare_inputs
+from metrank.losses.base import LOSSES, PairwiseLoss
 
 
 class StraightThroughStep(torch.autograd.Function):
@@ -73,7 +71,7 @@ def margin_contrastive(sim: torch.Tensor, same: torch.Tensor, pos_margin: float,
 
 
 @LOSSES.register("contextual")
-class ContextualLoss(nn.Module):
+class ContextualLoss(PairwiseLoss):
     """Contextual similarity loss + margin contrastive + similarity regulariser (Liao et al., ICML 2023).
 
     ``loss(embeddings, labels)`` follows the reference algorithm exactly (see the module docstring); embeddings
@@ -123,7 +121,7 @@ class ContextualLoss(nn.Module):
                 "ContextualLoss uses every pair of the batch; indices_tuple (mined pairs) is not "
                 "supported - drop the miner"
             )
-        inputs = prepare_inputs(embeddings, labels, ref_emb, ref_labels)
+        inputs = self.prepare_inputs(embeddings, labels, ref_emb, ref_labels)
         n = embeddings.shape[0]
         if not inputs.self_ref:  # union of the two sets; the loss keeps the query x reference block
             embeddings = torch.cat([embeddings, inputs.ref_emb.to(embeddings.dtype)])

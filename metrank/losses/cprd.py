@@ -19,8 +19,8 @@ than two kept negatives contribute 0). :class:`LogitDistillationLoss` replaces s
 
 Paired form: ``loss(image_emb, text_emb, ids, images=None, texts=None, text_ids=None)``; row i of the two
 embedding matrices is a matching pair, ``ids`` the image id of each row, ``images``/``texts`` the teacher's inputs
-for the same rows (anything :func:`metrank.teachers.take_rows` indexes), ``text_ids`` the caption id of each row
-(needed only for a :class:`metrank.teachers.CachedTeacher`, which caches by (image id, text id)). Teacher scores
+for the same rows (anything :func:`metrank.losses.teachers.take_rows` indexes), ``text_ids`` the caption id of each row
+(needed only for a :class:`metrank.losses.teachers.CachedTeacher`, which caches by (image id, text id)). Teacher scores
 are computed without gradient; the teacher is not a submodule of the loss (its parameters stay out of
 ``loss.parameters()``). The distillation term uses this rank's batch only; the InfoNCE term handles DDP itself.
 """
@@ -34,11 +34,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from metrank.errors import InputError
-from metrank.losses import LOSSES
-from metrank.losses.cross_modal import CrossModalLoss, check_pairs
+from metrank.losses.base import LOSSES, PairedLoss
+from metrank.losses.cross_modal import CrossModalLoss
 from metrank.losses.infonce import InfoNCELoss
+from metrank.losses.teachers import CachedTeacher, Teacher, take_rows
 from metrank.miners import create_miner
-from metrank.teachers import CachedTeacher, Teacher, take_rows
 
 _FILL = -1e9  # finite stand-in for -inf: keeps masked log-sum-exp gradients free of NaN
 
@@ -77,7 +77,7 @@ def ranking_chain(student_sorted: torch.Tensor, keep: torch.Tensor, temperature:
     return ((tail_lse - logits) * keep).sum(1)
 
 
-class _HardNegativeDistillation(nn.Module):
+class _HardNegativeDistillation(PairedLoss):
     """Shared part of CPRD and logit distillation: InfoNCE + mining + teacher scoring; subclasses define
     ``distill(student [n, K], teacher [n, K], teacher_pos [n]) -> per-query loss [n]``."""
 
@@ -111,7 +111,7 @@ class _HardNegativeDistillation(nn.Module):
         texts: Any = None,
         text_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        check_pairs(image_emb, text_emb, ids)
+        self.check_pairs(image_emb, text_emb, ids)
         if images is None or texts is None:
             raise InputError("the teacher needs its inputs: pass images= and texts= (one row per batch item)")
         if isinstance(self.teacher, CachedTeacher) and text_ids is None:
@@ -185,7 +185,7 @@ class CPRDLoss(_HardNegativeDistillation):
     ``L = L_itc + lam * L_cprd`` (Chen et al., CVPR 2024; formula and paired calling form in the module doc).
 
     Args:
-        teacher: scores (image, text) pairs, see :class:`metrank.teachers.Teacher`.
+        teacher: scores (image, text) pairs, see :class:`metrank.losses.teachers.Teacher`.
         k: hard negatives mined per query. lam: weight of the ranking term.
         itc: the paired contrastive loss ``itc(image_emb, text_emb, ids)``; default
             ``CrossModalLoss(InfoNCELoss())`` (CLIP loss, learnable temperature shared with the chain, DDP-aware).

@@ -6,30 +6,22 @@ import torch
 from torch import nn
 
 from metrank.distributed import all_gather_no_grad, all_gather_with_grad
-from metrank.errors import InputError
-from metrank.losses.base import check_choice
-from metrank.validation import check_embeddings, check_labels
-
-
-def check_pairs(image_emb: torch.Tensor, text_emb: torch.Tensor, ids: torch.Tensor) -> None:
-    """Row ``i`` of ``image_emb`` and ``text_emb`` is a matching pair with id ``ids[i]``."""
-    check_embeddings(image_emb, "image_emb")
-    check_embeddings(text_emb, "text_emb", dim=image_emb.shape[1])
-    if text_emb.shape[0] != image_emb.shape[0]:
-        raise InputError(
-            f"image_emb has {image_emb.shape[0]} rows but text_emb has {text_emb.shape[0]}; "
-            "row i of both must be a matching pair"
-        )
-    if not isinstance(ids, torch.Tensor):
-        raise InputError(f"ids must be a torch tensor, got {type(ids).__name__}")
-    check_labels(ids, image_emb.shape[0], "ids")
+from metrank.losses.base import PairedLoss
+from metrank.validation import check_choice
 
 
 def gather_pairs(
     image_emb: torch.Tensor, text_emb: torch.Tensor, ids: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """All ranks' embeddings (with gradient back to the owning rank) and ids; identity without DDP."""
-    return all_gather_with_grad(image_emb), all_gather_with_grad(text_emb), all_gather_no_grad(ids)
+    """All ranks' embeddings (with gradient back to the owning rank) and ids; identity without DDP.
+
+    The reference ids are always a tensor other than ``ids``: pytorch-metric-learning reads ``ref_labels is labels``
+    as "the reference set is the anchor set" and would then drop the diagonal, i.e. the true image–text pairs.
+    """
+    ref_ids = all_gather_no_grad(ids)
+    if ref_ids is ids:
+        ref_ids = ids.clone()
+    return all_gather_with_grad(image_emb), all_gather_with_grad(text_emb), ref_ids
 
 
 def symmetric_loss(
@@ -48,7 +40,7 @@ def symmetric_loss(
     return 0.5 * (i2t + t2i) if combine == "mean" else i2t + t2i
 
 
-class CrossModalLoss(nn.Module):
+class CrossModalLoss(PairedLoss):
     """Turn a one-directional PML-convention loss into the paired symmetric image↔text loss.
 
     ``forward(image_emb, text_emb, ids) = ½[loss(img, ids, ref_emb=txt_g, ref_labels=ids_g)
@@ -74,6 +66,6 @@ class CrossModalLoss(nn.Module):
             self.loss.step()
 
     def forward(self, image_emb: torch.Tensor, text_emb: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        check_pairs(image_emb, text_emb, ids)
+        self.check_pairs(image_emb, text_emb, ids)
         image_ref, text_ref, ref_ids = gather_pairs(image_emb, text_emb, ids)
         return symmetric_loss(self.loss, image_emb, text_emb, ids, image_ref, text_ref, ref_ids, self.combine)

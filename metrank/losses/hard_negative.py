@@ -4,21 +4,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from metrank.errors import InputError
-from metrank.losses.base import (
-    IndicesTuple,
-    create_reducer,
-    pair_masks,
-    prepare_inputs,
-    reduce_losses,
-    similarity_matrix,
-    zero_loss,
-)
+from metrank.losses.base import LOSSES, PairwiseLoss, create_reducer, reduce_losses, zero_loss
+from metrank.pairs import IndicesTuple, pair_masks, similarity_matrix
 
 
-class HardNegativeLoss(nn.Module):
+@LOSSES.register("hard_negative")
+class HardNegativeLoss(PairwiseLoss):
     """VSE++ (Faghri et al., BMVC 2018) hinge ranking loss, one direction (anchors → references).
 
     For every positive pair ``(i, p)`` (same label; with a paired batch the diagonal):
@@ -62,7 +55,7 @@ class HardNegativeLoss(nn.Module):
         ref_emb: torch.Tensor | None = None,
         ref_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        inputs = prepare_inputs(embeddings, labels, ref_emb, ref_labels)
+        inputs = self.prepare_inputs(embeddings, labels, ref_emb, ref_labels)
         pos, neg = pair_masks(inputs, indices_tuple)
         a, p = (pos & neg.any(1, keepdim=True)).nonzero(as_tuple=True)
         if a.numel() == 0:
@@ -79,7 +72,8 @@ class HardNegativeLoss(nn.Module):
         return reduce_losses(losses, self.reducer)
 
 
-class TripletAlignmentLoss(nn.Module):
+@LOSSES.register("tal")
+class TripletAlignmentLoss(PairwiseLoss):
     """Triplet Alignment Loss, TAL (Qin et al., CVPR 2024, "Noisy-Correspondence Learning for Text-to-Image Person
     Re-identification", RDE), one direction.
 
@@ -107,7 +101,7 @@ class TripletAlignmentLoss(nn.Module):
         ref_emb: torch.Tensor | None = None,
         ref_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        inputs = prepare_inputs(embeddings, labels, ref_emb, ref_labels)
+        inputs = self.prepare_inputs(embeddings, labels, ref_emb, ref_labels)
         pos, neg = pair_masks(inputs, indices_tuple)
         rows = (pos.any(1) & neg.any(1)).nonzero().flatten()
         if rows.numel() == 0:

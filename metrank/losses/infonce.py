@@ -8,15 +8,8 @@ import torch
 from torch import nn
 
 from metrank.errors import InputError
-from metrank.losses.base import (
-    IndicesTuple,
-    LossInputs,
-    check_normalized,
-    pair_masks,
-    prepare_inputs,
-    similarity_matrix,
-    zero_loss,
-)
+from metrank.losses.base import LOSSES, PairwiseLoss, zero_loss
+from metrank.pairs import IndicesTuple, LossInputs, check_normalized, pair_masks, similarity_matrix
 from metrank.validation import check_embeddings
 
 
@@ -54,7 +47,8 @@ def _forward_cross_entropy(
     return multi_positive_cross_entropy(logits, pos, neg)
 
 
-class InfoNCELoss(nn.Module):
+@LOSSES.register("infonce")
+class InfoNCELoss(PairwiseLoss):
     """InfoNCE with a learnable logit scale (CLIP, Radford et al. 2021; van den Oord et al. 2018), one direction:
     mean over positive pairs of ``−log softmax`` of ``s·S`` restricted to the pair and the anchor's negatives.
 
@@ -89,11 +83,12 @@ class InfoNCELoss(nn.Module):
         ref_emb: torch.Tensor | None = None,
         ref_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        inputs = prepare_inputs(embeddings, labels, ref_emb, ref_labels)
+        inputs = self.prepare_inputs(embeddings, labels, ref_emb, ref_labels)
         return _forward_cross_entropy(inputs, indices_tuple, self.scale.to(embeddings.dtype))
 
 
-class MultipleNegativesRankingLoss(nn.Module):
+@LOSSES.register("mnr")
+class MultipleNegativesRankingLoss(PairwiseLoss):
     """Multiple negatives ranking loss (Henderson et al. 2017; sentence-transformers), one direction: cross-entropy
     of ``scale·S`` (scale 20, i.e. temperature 0.05) from each anchor to its positive reference against all other
     in-batch references, plus optional explicit ``hard_negatives`` rows that are negatives for every anchor.
@@ -117,7 +112,7 @@ class MultipleNegativesRankingLoss(nn.Module):
         ref_labels: torch.Tensor | None = None,
         hard_negatives: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        inputs = prepare_inputs(embeddings, labels, ref_emb, ref_labels)
+        inputs = self.prepare_inputs(embeddings, labels, ref_emb, ref_labels)
         if hard_negatives is not None:
             check_embeddings(hard_negatives, "hard_negatives", dim=embeddings.shape[1])
             check_normalized(hard_negatives, "hard_negatives")

@@ -4,22 +4,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from metrank.distributed import rank
 from metrank.errors import InputError
-from metrank.losses.base import (
-    IndicesTuple,
-    check_normalized,
-    create_reducer,
-    label_masks,
-    pair_masks,
-    prepare_inputs,
-    reduce_losses,
-    squared_euclidean,
-    zero_loss,
-)
-from metrank.losses.cross_modal import check_pairs, gather_pairs, symmetric_loss
+from metrank.losses.base import LOSSES, PairedLoss, PairwiseLoss, create_reducer, reduce_losses, zero_loss
+from metrank.losses.cross_modal import gather_pairs, symmetric_loss
+from metrank.pairs import IndicesTuple, check_normalized, label_masks, pair_masks, squared_euclidean
 
 
 def hardest_anchor_free_pair(
@@ -41,7 +31,8 @@ def hardest_anchor_free_pair(
     return out
 
 
-class QuadrupletLoss(nn.Module):
+@LOSSES.register("quadruplet")
+class QuadrupletLoss(PairwiseLoss):
     """Batch-hard quadruplet loss on squared Euclidean distances ``g² = ‖x − y‖² = 2 − 2S``:
 
     ``[g²_ap − g²_an + α1]+ + [g²_ap − g²_lk + α2]+`` per anchor ``a`` with its hardest (farthest) positive ``p``,
@@ -86,7 +77,7 @@ class QuadrupletLoss(nn.Module):
         ref_emb: torch.Tensor | None = None,
         ref_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        inputs = prepare_inputs(embeddings, labels, ref_emb, ref_labels)
+        inputs = self.prepare_inputs(embeddings, labels, ref_emb, ref_labels)
         pos, neg = pair_masks(inputs, indices_tuple)
         dist = squared_euclidean(inputs.embeddings, inputs.ref_emb)
         free = hardest_anchor_free_pair(dist, label_masks(inputs)[1], inputs.labels, inputs.ref_labels)
@@ -106,7 +97,8 @@ class QuadrupletLoss(nn.Module):
         return reduce_losses(losses, self.reducer)
 
 
-class CrossModalQuadrupletLoss(nn.Module):
+@LOSSES.register("cross_modal_quadruplet")
+class CrossModalQuadrupletLoss(PairedLoss):
     """CDMLMR (Huang & Peng, ICME 2017, "Cross-modal Deep Metric Learning with Multi-task Regularization"):
     ``L = L_quad_cross + λ·L_sscon`` for a paired batch where row ``i`` of ``image_emb`` and ``text_emb`` co-occur
     and ``labels[i]`` is their class, or ``-1`` for an unlabelled co-occurring pair.
@@ -152,7 +144,7 @@ class CrossModalQuadrupletLoss(nn.Module):
         return (pulled + pushed) / similar.numel()
 
     def forward(self, image_emb: torch.Tensor, text_emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        check_pairs(image_emb, text_emb, labels)
+        self.check_pairs(image_emb, text_emb, labels)
         check_normalized(image_emb, "image_emb")
         check_normalized(text_emb, "text_emb")
         image_ref, text_ref, ref_labels = gather_pairs(image_emb, text_emb, labels)

@@ -6,24 +6,18 @@ from collections.abc import Callable
 
 import torch
 from pytorch_metric_learning import losses as pml_losses
-from torch import nn
 
 from metrank import miners as miners_module
 from metrank.errors import InputError
-from metrank.losses.base import (
-    IndicesTuple,
-    check_choice,
-    create_reducer,
-    label_masks,
-    pml_distance,
-    prepare_inputs,
-    zero_loss,
-)
+from metrank.losses.base import LOSSES, PairwiseLoss, create_reducer, zero_loss
+from metrank.pairs import IndicesTuple, label_masks, pml_distance
+from metrank.validation import check_choice
 
 Miner = Callable[..., IndicesTuple]
 
 
-class TripletMarginLoss(nn.Module):
+@LOSSES.register("triplet")
+class TripletMarginLoss(PairwiseLoss):
     """``[d(a, p) − d(a, n) + m]+`` averaged over the triplets with a non-zero loss (``reduction="mean_active"``).
 
     ``distance``: ``"euclidean"`` (``‖a − p‖``) or ``"cosine"`` (``d = 1 − S``, so the hinge is
@@ -74,7 +68,7 @@ class TripletMarginLoss(nn.Module):
         ref_emb: torch.Tensor | None = None,
         ref_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        inputs = prepare_inputs(embeddings, labels, ref_emb, ref_labels)
+        inputs = self.prepare_inputs(embeddings, labels, ref_emb, ref_labels)
         ref = None if inputs.self_ref else inputs.ref_emb
         if indices_tuple is None:
             indices_tuple = self.miner(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import types
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -142,14 +143,14 @@ def _type_ok(value: Any, tp: Any) -> bool:
     origin = typing.get_origin(tp)
     if tp is Any:
         return True
-    if origin is Union:
+    if origin in (Union, types.UnionType):
         return any(_type_ok(value, arg) for arg in typing.get_args(tp))
     if tp is type(None):
         return value is None
-    if origin in (list, list):
+    if origin is list:
         (item,) = typing.get_args(tp)
         return isinstance(value, list) and all(_type_ok(v, item) for v in value)
-    if origin in (dict, dict):
+    if origin is dict:
         return isinstance(value, dict)
     if tp is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
