@@ -1,16 +1,24 @@
-"""Atomic file writes: every checkpoint, index, cache and result file goes through :func:`atomic_path`.
+"""Safe file I/O: every checkpoint, index, cache and result file is written through :func:`atomic_path`, and every
+torch file is read through :func:`load_torch_file`.
 
 A reader (or a crash) sees either the old file or the complete new one, never a partial write: the data goes to a
-temporary file in the same folder, is flushed to disk, and then ``os.replace``-d over the target.
+temporary file in the same folder, is flushed to disk, and then ``os.replace``-d over the target. Torch files load
+with ``weights_only=True`` only (tensors, numbers, strings, lists, dicts): a file that would need unpickling of
+arbitrary objects is refused with a :class:`metrank.errors.StateError`, never executed.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Union
+from typing import Any, Union
+
+import torch
+
+from metrank.errors import MissingFileError, StateError
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -55,3 +63,29 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
 def atomic_write_text(path: PathLike, text: str) -> None:
     """Write UTF-8 ``text`` to ``path`` atomically."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_torch_save(obj: Any, path: PathLike) -> None:
+    """``torch.save`` ``obj`` to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def load_torch_file(path: PathLike, what: str = "file", map_location: str = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)``; a missing, damaged or unsafe file raises a ``MetrankError`` naming
+    ``what`` it should have been."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise MissingFileError(f"{what} {path!r} does not exist")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise StateError(
+            f"{what} {path!r} holds objects other than tensors, numbers, strings, lists and dicts, so it was not "
+            f"loaded (metrank never unpickles arbitrary objects; re-save it with plain tensors): "
+            f"{str(err).splitlines()[0][:200]}"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise StateError(
+            f"{what} {path!r} is damaged or not a torch file ({type(err).__name__}: {err}); write it again"
+        ) from None

@@ -12,7 +12,7 @@ import os
 import numpy as np
 import torch
 
-from metrank.atomic import atomic_path
+from metrank.atomic import atomic_path, load_torch_file
 from metrank.errors import InputError, MissingFileError
 from metrank.validation import check_embeddings, check_labels
 
@@ -54,7 +54,7 @@ def load_array(source: str, key: str | None = None) -> np.ndarray:
         with np.load(path, allow_pickle=False) as archive:
             return np.asarray(_pick({name: archive[name] for name in archive.files}, key, path))
     if suffix in (".pt", ".pth"):
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = load_torch_file(path, "embeddings file")
         if isinstance(obj, dict):
             obj = _pick(obj, key, path)
         elif key is not None:

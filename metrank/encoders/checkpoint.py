@@ -10,10 +10,10 @@ from typing import Any
 
 import torch
 
-from metrank.atomic import atomic_path
+from metrank.atomic import atomic_torch_save, load_torch_file
 from metrank.encoders.factory import create_model
 from metrank.encoders.model import RetrievalModel
-from metrank.errors import MissingFileError, StateError
+from metrank.errors import StateError
 
 FORMAT = "metrank.encoder.v1"
 _SAFE_SCALARS = (str, int, float, bool, type(None), torch.Tensor)
@@ -41,17 +41,14 @@ def save_checkpoint(path: str | os.PathLike, model: RetrievalModel, **extra: Any
     _check_safe(extra, "extra")
     path = Path(path)
     payload = {"format": FORMAT, "config": model.config, "state_dict": model.state_dict(), "extra": extra}
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    atomic_torch_save(payload, path)
     return path
 
 
 def read_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> dict[str, Any]:
     """The raw checkpoint dict (``config``, ``state_dict``, ``extra``), checked for the metrank format."""
     path = Path(path)
-    if not path.is_file():
-        raise MissingFileError(f"checkpoint {str(path)!r} does not exist")
-    payload = torch.load(path, map_location=map_location, weights_only=True)
+    payload = load_torch_file(path, "checkpoint", map_location)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise StateError(f"{str(path)!r} is not a metrank encoder checkpoint (written by save_checkpoint)")
     return payload

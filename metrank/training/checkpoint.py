@@ -1,4 +1,4 @@
-"""Atomic file writes and the training state (weights, optimizer, schedule, loss parameters, RNG, position).
+"""The training state (weights, optimizer, schedule, loss parameters, RNG, position).
 
 The training state is what ``--resume`` needs to continue *exactly*: restoring it and replaying the remaining steps
 gives bit-identical weights to an uninterrupted run (the batch order of an epoch is a function of (seed, epoch), the
@@ -14,14 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from metrank.atomic import atomic_path
+from metrank.atomic import atomic_torch_save, load_torch_file
 from metrank.errors import MissingFileError, StateError
-
-
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` ``obj`` to ``path`` atomically."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
 
 
 def rng_state() -> dict[str, Any]:
@@ -94,7 +88,7 @@ def load_training_state(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"no training state to resume from at {str(path)!r}; run without --resume first")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_torch_file(path, "training state")
     if not isinstance(state, dict) or state.get("format") != "metrank-train-state-v1":
         raise StateError(f"{str(path)!r} is not a metrank training state (written by metrank.training)")
     return state

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from metrank import distributed
-from metrank.training.checkpoint import atomic_torch_save
+from metrank.atomic import atomic_torch_save, load_torch_file
 
 
 def default_cache_dir() -> Path:
@@ -118,4 +118,4 @@ def cached(
         atomic_torch_save(compute(), path)
     if distributed.is_distributed():
         torch.distributed.barrier()
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return load_torch_file(path, "feature cache")
