@@ -16,7 +16,6 @@ Input conventions (PML reference sets, label masks, distances) live in :mod:`met
 from __future__ import annotations
 
 import warnings
-from typing import Any
 
 import torch
 from pytorch_metric_learning import reducers as pml_reducers
@@ -48,9 +47,10 @@ class PairwiseLoss(ChecksInputs):
 
 
 class PairedLoss(ChecksInputs):
-    """A loss over a paired image–text batch: ``forward(image_emb, text_emb, ids, **extra)``."""
+    """A loss over a paired image–text batch: ``forward(image_emb, text_emb, ids)``; a loss that needs more (the raw
+    inputs for a teacher, caption ids) takes them as extra keyword arguments."""
 
-    def forward(self, image_emb: torch.Tensor, text_emb: torch.Tensor, ids: torch.Tensor, **extra: Any) -> torch.Tensor:
+    def forward(self, image_emb: torch.Tensor, text_emb: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def step(self) -> None:

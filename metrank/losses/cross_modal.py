@@ -62,8 +62,9 @@ class CrossModalLoss(PairedLoss):
 
     def step(self) -> None:
         """Forward a schedule step (e.g. :class:`HardNegativeLoss` warm-up) to the wrapped loss, if it has one."""
-        if hasattr(self.loss, "step"):
-            self.loss.step()
+        step = getattr(self.loss, "step", None)
+        if callable(step):
+            step()
 
     def forward(self, image_emb: torch.Tensor, text_emb: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         self.check_pairs(image_emb, text_emb, ids)
