@@ -84,7 +84,5 @@ def save_arrays(path: str, **arrays: np.ndarray) -> None:
     if not path.endswith(".npz"):
         raise InputError(f"save_arrays writes .npz archives; got {path!r}")
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(
-            f,
-            **{name: np.asarray(a.detach().cpu() if isinstance(a, torch.Tensor) else a) for name, a in arrays.items()},
-        )
+        named = {name: np.asarray(a.detach().cpu() if isinstance(a, torch.Tensor) else a) for name, a in arrays.items()}
+        np.savez(f, **named)  # type: ignore[arg-type]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
 import numpy as np
 
@@ -69,7 +70,7 @@ def _normalized(x: np.ndarray, enabled: bool) -> np.ndarray:
     return x / norms
 
 
-def evaluate(args: argparse.Namespace) -> dict[str, object]:
+def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     """Run the evaluation the arguments describe; returns ``{"mode": ..., "metrics": {...}}``."""
     if args.images or args.texts or args.text_image_ids:
         if not (args.images and args.texts and args.text_image_ids):
@@ -112,7 +113,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, object]:
     return {"mode": "leave-one-out" if gallery is None else "query-gallery", "metrics": metrics}
 
 
-def _write_json(path: str, payload: dict[str, object]) -> None:
+def _write_json(path: str, payload: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(payload, indent=2))
 
 
