@@ -7,12 +7,13 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from collections.abc import Sequence
 
 from metrank.data.emoji import fetch_emoji
 from metrank.data.fashion_mnist import FASHION_MNIST_DIR
 from metrank.data.root import data_root
 from metrank.data.tuxpaint import TUXPAINT_DIR
-from metrank.errors import InputError
+from metrank.errors import InputError, StateError
 
 DEBIAN_PACKAGES = {
     "tuxpaint": ("tuxpaint-stamps-default", TUXPAINT_DIR),
@@ -84,23 +85,32 @@ def dataset_location(name: str, root: str | None = None) -> str | None:
     return str(path) if path.is_dir() else None
 
 
+def apt_install(packages: Sequence[str], run_apt: bool | None = None) -> None:
+    """``apt-get update`` then ``apt-get install -y packages``; ``run_apt`` (default: when running as root with
+    apt-get present) allows it, otherwise a ``StateError`` gives the command to run."""
+    command = ["apt-get", "install", "-y", "-q", *packages]
+    if run_apt is None:
+        run_apt = hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get") is not None
+    if not run_apt:
+        raise StateError(f"install the Debian packages as root: sudo apt-get update && sudo {' '.join(command)}")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-q"], check=True, env=env)
+    subprocess.run(command, check=True, env=env)
+
+
 def fetch_dataset(name: str, root: str | None = None, run_apt: bool | None = None) -> str:
     """Fetch ``name`` where a registry provides it; returns a message saying what was done or what to do.
 
-    ``run_apt`` (default: when running as root) lets Debian packages be installed with ``apt-get``.
+    ``run_apt`` (default: when running as root) lets Debian packages be installed with ``apt-get`` (see
+    :func:`apt_install`).
     """
     if name == "emoji":
         return f"emoji data ready under {fetch_emoji(root)}"
     if name in DEBIAN_PACKAGES:
         package, path = DEBIAN_PACKAGES[name]
-        command = ["apt-get", "install", "-y", package]
         if os.path.isdir(path):
             return f"{name}: Debian package {package} already installed at {path}"
-        if run_apt is None:
-            run_apt = hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get") is not None
-        if not run_apt:
-            return f"{name}: install the Debian package as root: sudo {' '.join(command)}  (files go to {path})"
-        subprocess.run(command, check=True)
+        apt_install([package], run_apt)
         return f"{name}: installed {package} at {path}"
     if name in MANUAL:
         title, source, layout = MANUAL[name]
