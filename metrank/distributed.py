@@ -1,11 +1,32 @@
-"""Cross-rank gathering for global negatives under ``torch.distributed`` (one helper used by every loss)."""
+"""Ranks, devices and cross-rank gathering for global negatives under ``torch.distributed`` (one helper used by
+every loss)."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.distributed as dist
 
 from metrank.errors import InputError
+
+
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` → this rank's CUDA device when one is visible, else the CPU; ``"gpu"`` means ``"cuda"``; a CUDA
+    device asked for on a machine without one is an ``InputError`` (never a silent CPU fallback)."""
+    if isinstance(name, torch.device):
+        return name
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "gpu":
+        name = "cuda"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise InputError(f"device {name!r} was asked for but no CUDA device is visible; use 'cpu' or 'auto'")
+        return torch.device(name) if ":" in name else torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if name != "cpu":
+        raise InputError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}")
+    return torch.device("cpu")
 
 
 def is_distributed() -> bool:

@@ -31,6 +31,13 @@ def debug_checks() -> bool:
     return _debug_checks
 
 
+def check_positive_int(value: object, name: str) -> int:
+    """``value`` as an ``int`` ≥ 1 (bools refused), else an ``InputError``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise InputError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
 def check_choice(value: str, choices: Sequence[str], name: str) -> str:
     """``value`` if it is one of ``choices``, else an ``InputError`` listing them."""
     if value not in choices:
