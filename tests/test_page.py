@@ -1,6 +1,7 @@
 """The search page in headless Chromium: it runs ``?q=...`` on load and shows Retriever.search's top results."""
 
 import html.parser
+import os
 import subprocess
 
 import pytest
@@ -66,6 +67,9 @@ def _dump_dom(url, profile):
     return parser
 
 
+pytestmark = [pytest.mark.slow, pytest.mark.data, pytest.mark.browser]
+
+
 @pytest.fixture(scope="module")
 def served_emoji():
     from metrank.data import create_dataset
@@ -73,7 +77,9 @@ def served_emoji():
 
     data = create_dataset("emoji", split="test")
     google = [i for i, v in enumerate(data.image_views) if v == "google"][:24]
-    retriever = Retriever.create(model=create_model("lite0-minilm", image_size=128))
+    retriever = Retriever.create(
+        model=create_model("lite0-minilm", image_size=128), media_roots=[os.path.dirname(data.images[google[0]])]
+    )
     retriever.add(
         images=[data.images[i] for i in google], metadata=[{"name": data.captions[i]} for i in google], progress=False
     )

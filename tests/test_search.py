@@ -10,6 +10,7 @@ import textwrap
 import numpy as np
 import pytest
 
+from metrank.errors import NotFoundError
 from metrank.search import Retriever
 from metrank.search.retriever import MANIFEST
 
@@ -94,7 +95,7 @@ def test_modalities_remove_and_ids(filled):
 
     removed = rng.choice(3050, 600, replace=False)
     assert retriever.remove(removed) == 600
-    with pytest.raises(KeyError, match="unknown ids"):
+    with pytest.raises(NotFoundError, match="unknown ids"):
         retriever.remove([int(removed[0]), 1_000_000])
     assert len(retriever) == 2450
     all_ids = np.arange(3050)
@@ -111,7 +112,7 @@ def test_modalities_remove_and_ids(filled):
     assert retriever.add(vectors=extra[:2], progress=False).tolist() == [3050, 3051]
     item = retriever.get(5 if 5 not in removed else int(all_ids[alive][0]))
     assert item.metadata == meta[item.id] and np.array_equal(item.vector, all_vectors[item.id])
-    with pytest.raises(KeyError):
+    with pytest.raises(NotFoundError):
         retriever.get(int(removed[0]))
 
 
@@ -226,17 +227,17 @@ def test_save_load_roundtrip(filled, tmp_path):
     retriever.save(str(tmp_path))
     retriever.add(vectors=vectors[:5], progress=False)
     retriever.save()  # same directory again: a new snapshot replaces the old one
-    assert sorted(os.listdir(tmp_path)) == [MANIFEST, "v000002"]
+    assert sorted(e for e in os.listdir(tmp_path) if not e.startswith("items.sqlite")) == [MANIFEST, "v000002"]
     loaded = Retriever.load(str(tmp_path))
     assert len(loaded) == 3002 and loaded.stats()["hubness"]["method"] == "nnn"
     after = loaded.search_vectors(queries, k=10, filter={"s": "b"})
     assert [[h.id for h in row] for row in after] == [[h.id for h in row] for row in before]
     assert loaded.add(vectors=vectors[:1], progress=False).tolist() == [3005]
     # a corrupted snapshot is refused with a clear message
-    with open(tmp_path / "v000002" / "items.sqlite", "r+b") as f:
+    with open(tmp_path / "v000002" / "index.faiss", "r+b") as f:
         f.seek(100)
         f.write(b"garbage")
-    with pytest.raises(ValueError, match="corrupt"):
+    with pytest.raises(ValueError, match="index.faiss is damaged"):
         Retriever.load(str(tmp_path))
 
 
@@ -245,52 +246,57 @@ _CHILD = textwrap.dedent("""
     import numpy as np
     from metrank.search import Retriever
     directory = sys.argv[1]
-    retriever = Retriever.load(directory)
+    retriever = Retriever.load(directory)  # autocommit: every add/remove is committed before it returns
     rng = np.random.default_rng(int(sys.argv[2]))
     step = 0
     while True:
         vectors = rng.standard_normal((300, 16)).astype(np.float32)
-        retriever.add(vectors=vectors, metadata=[{"step": step}] * 300, progress=False)
-        if step % 2 == 0:
+        ids = retriever.add(vectors=vectors, metadata=[{"step": step}] * 300, progress=False)
+        print("added", ids[0], ids[-1], flush=True)
+        retriever.remove(ids[:10])
+        print("removed", ids[0], ids[9], flush=True)
+        if step % 3 == 0:
             retriever.save()
-            print("saved", len(retriever), flush=True)
-        else:
-            print("adding", flush=True)
         step += 1
 """)
 
 
-def test_killed_add_keeps_last_saved_state(tmp_path):
+@pytest.mark.slow
+def test_killed_writer_loses_no_acknowledged_write(tmp_path):
     rng = np.random.default_rng(3)
     base = _unit(rng, 200)
     retriever = Retriever.create(dim=DIM)
     retriever.add(vectors=base, metadata=_metadata(200), progress=False)
     retriever.save(str(tmp_path))
-    for seed, lines_before_kill in ((0, 3), (1, 6)):
+    retriever.close()
+    for seed, lines_before_kill in ((0, 3), (1, 8)):
         child = subprocess.Popen(
             [sys.executable, "-c", _CHILD, str(tmp_path), str(seed)], stdout=subprocess.PIPE, text=True
         )
-        saved = None
+        added, removed = [], []
         for _ in range(lines_before_kill):
-            line = child.stdout.readline().split()
-            if line and line[0] == "saved":
-                saved = int(line[1])
-        child.send_signal(signal.SIGKILL)  # mid-add or mid-save: whatever it was doing
+            kind, first, last = child.stdout.readline().split()
+            (added if kind == "added" else removed).extend(range(int(first), int(last) + 1))
+        child.send_signal(signal.SIGKILL)  # mid-add, mid-remove or mid-snapshot: whatever it was doing
         child.wait()
-        assert saved is not None
-        loaded = Retriever.load(str(tmp_path))  # verifies index ids == database ids and file checksums
-        assert len(loaded) >= saved
+        loaded = Retriever.load(str(tmp_path))  # replays the writes after the snapshot; checks index ids == db ids
+        stored = set(loaded.store.all_ids().tolist())
+        assert set(added) - set(removed) <= stored and not set(removed) & stored
         for i in (0, 57, 199):  # what was saved first is still there, unchanged
             item = loaded.get(i)
             assert np.array_equal(item.vector, base[i]) and item.metadata == _metadata(200)[i]
         ids, vectors = loaded.store.vectors()
         queries = _unit(rng, 3)
         _check_equal(loaded.search_vectors(queries, k=10), _brute(queries, ids, vectors, 10))
+        loaded.close()
+    loaded = Retriever.load(str(tmp_path))
     loaded.save()
     assert [e for e in os.listdir(tmp_path) if e.endswith(".tmp")] == []  # leftovers of the kills are cleaned
 
 
 # ------------------------------------------------------------------------------------------------ real model
+@pytest.mark.slow
+@pytest.mark.data
 def test_image_and_text_search_with_lite0_minilm(tmp_path):
     from metrank.data import create_dataset
     from metrank.encoders import create_model
@@ -298,7 +304,9 @@ def test_image_and_text_search_with_lite0_minilm(tmp_path):
     data = create_dataset("emoji", split="test")
     google = [i for i, v in enumerate(data.image_views) if v == "google"][:12]
     twitter = [i for i, v in enumerate(data.image_views) if v == "twitter"][:12]
-    retriever = Retriever.create(model=create_model("lite0-minilm", image_size=128))  # 64 px emoji: 128 px input
+    retriever = Retriever.create(  # 64 px emoji: 128 px input
+        model=create_model("lite0-minilm", image_size=128), media_roots=[os.path.dirname(data.images[google[0]])]
+    )
     image_ids = retriever.add(
         images=[data.images[i] for i in google],
         progress=False,

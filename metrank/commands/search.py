@@ -39,6 +39,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     group = _add_source_args(index, source_help)
     group.add_argument("--vectors", help=".npy [n, dim] precomputed embeddings (e.g. from metrank embed)")
     index.add_argument("--items", help="with --vectors: .jsonl item list from metrank embed (paths/texts/metadata)")
+    index.add_argument(
+        "--media-root",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="folder whose images may be indexed by path and served (the --images folder, or the folder of the "
+        "item list, is declared already); repeat for several",
+    )
     index.add_argument("--index-spec", default="Flat", help="FAISS factory string or short name (default Flat)")
     index.add_argument("--batch-size", type=int, default=64)
     index.add_argument("--hubness", choices=["qb_norm", "nnn"], help="enable query-time hubness correction")
@@ -84,12 +92,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="host name clients use besides loopback and --host (DNS rebinding protection); repeat; '*' = any",
+    )
+    serve.add_argument(
         "--api-key",
         default=os.environ.get("METRANK_API_KEY"),
         help="require this X-API-Key header (default: $METRANK_API_KEY, else none)",
     )
     serve.add_argument("--max-upload-mb", type=float, default=16.0)
     serve.add_argument("--max-request-mb", type=float, default=8.0)
+    serve.add_argument(
+        "--snapshot-every", type=int, default=1000, metavar="WRITES", help="snapshot the index after this many writes"
+    )
     serve.set_defaults(func=run_serve)
 
 
@@ -160,6 +178,8 @@ def run_index(args: argparse.Namespace) -> int:
     else:
         dim = int(vectors.shape[1]) if vectors is not None and vectors.ndim == 2 else None
         retriever = Retriever.create(model=args.model, index_spec=args.index_spec, dim=None if args.model else dim)
+    for root in _media_roots(args):
+        retriever.add_media_root(root)
     kw: dict[str, Any] = {}
     if vectors is not None:
         kw, count = _vector_items(args.items, vectors)
@@ -188,6 +208,15 @@ def run_index(args: argparse.Namespace) -> int:
     snapshot = retriever.save(args.directory)
     print(f"indexed {count} items -> {snapshot} ({len(retriever)} items in total)")
     return 0
+
+
+def _media_roots(args: argparse.Namespace) -> list[str]:
+    """Folders the user named for this index: --media-root, the --images folder or the item list's folder."""
+    roots = list(args.media_root)
+    source = args.images or args.items
+    if source:
+        roots.append(source if os.path.isdir(source) else os.path.dirname(os.path.abspath(source)))
+    return roots
 
 
 def _vector_items(items_path: str | None, vectors: np.ndarray) -> tuple[dict[str, Any], int]:
@@ -243,7 +272,7 @@ def run_search(args: argparse.Namespace) -> int:
         hubness=not args.no_hubness,
     )
     if args.json:
-        print(json.dumps([h.to_dict() | {"path": h.path} for h in hits], ensure_ascii=False, indent=1))
+        print(json.dumps([h.to_dict(with_path=True) for h in hits], ensure_ascii=False, indent=1))
         return 0
     rows = [("rank", "id", "score", "modality", "item", "metadata")]
     for rank, hit in enumerate(hits, 1):
@@ -269,22 +298,25 @@ def run_search(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------ serve
 def run_serve(args: argparse.Namespace) -> int:
     from metrank.search import Retriever
-    from metrank.search.server import serve
+    from metrank.search.server import check_megabytes, check_port, serve
 
-    if args.max_upload_mb <= 0 or args.max_request_mb <= 0:
-        raise InputError("--max-upload-mb and --max-request-mb must be positive")
+    port = check_port(args.port)
+    max_upload = check_megabytes(args.max_upload_mb, "--max-upload-mb")
+    max_request = check_megabytes(args.max_request_mb, "--max-request-mb")
+    if args.snapshot_every < 1:
+        raise InputError("--snapshot-every must be at least 1")
     retriever = Retriever.load(args.directory)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can add and remove items")
-    print(f"serving {args.directory} ({len(retriever)} items) at http://{args.host}:{args.port}/ (docs: /docs)")
+    print(f"serving {args.directory} ({len(retriever)} items) at http://{args.host}:{port}/ (schema: /openapi.json)")
     serve(
         retriever,
         host=args.host,
-        port=args.port,
+        port=port,
         api_key=args.api_key,
-        max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
-        max_request_bytes=int(args.max_request_mb * (1 << 20)),
+        max_upload_bytes=max_upload,
+        max_request_bytes=max_request,
+        allowed_hosts=args.allowed_host,
+        snapshot_every_writes=args.snapshot_every,
     )
-    if retriever.modified:  # items added/removed over HTTP since the last POST /save
-        print(f"saved changes to {retriever.save()}")
     return 0
