@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from metrank.errors import InputError
-from metrank.pairs import DISTANCES, ChecksInputs, LossInputs, label_masks, ranking_distance
+from metrank.pairs import DISTANCES, ChecksInputs, LossInputs, label_masks, ranking_distance, topk_distinct
 from metrank.registry import Registry
 from metrank.validation import check_choice
 
@@ -127,24 +127,22 @@ class TopKHardestNegativeMiner(BaseMiner):
     """The ``k`` hardest negatives of every anchor, returned as ``(a, n)`` with ``len(a) == B·k``.
 
     Anchor ``i`` owns entries ``i·k … i·k + k − 1`` ordered hardest first, so ``n.view(B, k)`` is the per-query
-    list (used by CPRD). ``ValueError`` if some anchor has fewer than ``k`` negatives in the reference set.
-    Default distance is cosine: "hardest" = most similar.
+    list (used by CPRD). With ``distinct=True`` at most one reference row per ``ref_labels`` value is taken (the
+    hardest), so an image repeated in the reference set (several captions of it in a batch) fills one slot, not
+    several (:func:`metrank.pairs.topk_distinct`). ``InputError`` if some anchor has fewer than ``k`` (distinct)
+    negatives in the reference set. Default distance is cosine: "hardest" = most similar.
     """
 
-    def __init__(self, k: int = 8, distance: str = "cosine") -> None:
+    def __init__(self, k: int = 8, distance: str = "cosine", distinct: bool = False) -> None:
         super().__init__(distance)
         if int(k) != k or k < 1:
             raise InputError(f"k must be a positive integer, got {k!r}")
         self.k = int(k)
+        self.distinct = bool(distinct)
 
     def mine(self, dist, pos, neg, inputs):
-        fewest = int(neg.sum(1).min())
-        if self.k > fewest:
-            raise InputError(
-                f"topk_hardest needs k={self.k} negatives per anchor but some anchor has only {fewest} "
-                f"among {dist.shape[1]} reference rows; lower k or use a larger batch/queue"
-            )
-        n = dist.masked_fill(~neg, float("inf")).topk(self.k, dim=1, largest=False).indices
+        groups = inputs.ref_labels if self.distinct else torch.arange(dist.shape[1], device=dist.device)
+        n = topk_distinct(-dist, neg, groups, self.k)
         a = torch.arange(dist.shape[0], device=dist.device).repeat_interleave(self.k)
         return a, n.flatten()
 

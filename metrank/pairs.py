@@ -183,3 +183,31 @@ def pair_masks(inputs: LossInputs, indices_tuple: IndicesTuple | None = None) ->
     mined_pos[a1, p] = True
     mined_neg[a2, n] = True
     return pos & mined_pos, neg & mined_neg
+
+
+def topk_distinct(scores: torch.Tensor, allowed: torch.Tensor, groups: torch.Tensor, k: int) -> torch.Tensor:
+    """Per row, the columns of the ``k`` highest ``scores`` among the ``allowed`` ones, at most one per group.
+
+        ``scores`` and ``allowed`` are n×M, ``groups`` (M,) assigns every column to a group (e.g. the image id of each
+        reference row, so one image duplicated in a batch fills one slot, not several). Each group is represented by its
+        highest-scoring allowed column (the lowest index on ties; tied groups in ascending group order, so with one group
+    per column ties keep column order). Returns n×k column indices, best first. Raises
+        ``InputError`` when some row has fewer than ``k`` allowed groups.
+    """
+    n, m = scores.shape
+    inverse = groups.unique(return_inverse=True)[1].to(scores.device).expand(n, m)
+    n_groups = int(inverse.max()) + 1 if m else 0
+    masked = scores.masked_fill(~allowed, float("-inf"))
+    best = masked.new_full((n, n_groups), float("-inf")).scatter_reduce(1, inverse, masked, "amax")
+    fewest = int((best > float("-inf")).sum(1).min()) if n else k
+    if fewest < k:
+        raise InputError(
+            f"need k={k} distinct negatives per query but some query has only {fewest} among {m} reference rows; "
+            "lower k or use a larger batch or memory queue"
+        )
+    columns = torch.arange(m, device=scores.device).expand(n, m)
+    is_best = allowed & (masked == best.gather(1, inverse))
+    first = torch.full((n, n_groups), m, device=scores.device).scatter_reduce(
+        1, inverse, columns.masked_fill(~is_best, m), "amin"
+    )
+    return first.gather(1, best.sort(dim=1, descending=True, stable=True).indices[:, :k])

@@ -287,7 +287,7 @@ class HardBatchSampler(_EpochBatchSampler):
         self._inverse = torch.from_numpy(inverse)
         order = np.argsort(inverse, kind="stable")
         self.class_items = np.split(order, np.cumsum(np.bincount(inverse))[:-1])
-        self.update(self.embeddings_fn() if self.embeddings_fn is not None else embeddings)
+        self.update(self.embeddings_fn() if self.embeddings_fn is not None else embeddings)  # type: ignore[arg-type]
 
     def update(self, embeddings: np.ndarray | torch.Tensor) -> None:
         """Recompute the class centroids from fresh embeddings [n_items, dim] (row i = dataset item i)."""

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from metrank.losses import LOSSES, CrossModalLoss, InfoNCELoss
 from metrank.losses.cprd import CPRDLoss, LogitDistillationLoss, ranking_chain, valid_prefix
-from metrank.teachers import CachedTeacher, CrossAttentionTeacher, TowerScoreTeacher
+from metrank.losses.teachers import CachedTeacher, CrossAttentionTeacher, TowerScoreTeacher
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -36,18 +36,49 @@ def paired_batch(n, dim, seed, dtype=torch.float64):
 
 
 def loop_distillation(
-    img, txt, ids, table, k, tau, kind="cprd", fn_threshold=None, min_gap=0.0, max_length=None, teacher_tau=1.0
+    img,
+    txt,
+    ids,
+    table,
+    k,
+    tau,
+    kind="cprd",
+    fn_threshold=None,
+    min_gap=0.0,
+    max_length=None,
+    teacher_tau=1.0,
+    normalise="all",
+    distinct=True,
+    text_ids=None,
+    queries=None,
 ):
-    """Per query and direction: K hardest negatives by student score, then the chain (CPRD) or the KL (logit KD)."""
+    """The paper's formula, written out per query and direction.
+
+    The K hardest negatives by student score (walking them hardest first; with ``distinct`` an image id already
+    taken is skipped for a caption query, a caption id for an image query); then the chain (CPRD) or the KL (logit
+    KD). CPRD: sort the K by teacher score, drop the false negatives, keep c_1 .. c_{J*-1}; each kept c_j contributes
+    ``-log(exp(s_j/tau) / sum_{k=j}^{K} exp(s_k/tau))`` ("all") or the sum over kept k >= j only ("prefix").
+    """
     S = (img @ txt.T).detach().numpy()
     T = table.numpy()
     ids = ids.tolist()
     n, total = len(ids), 0.0
+    queries = range(n) if queries is None else queries
     for i2t in (True, False):
-        for q in range(n):
+        for q in queries:
             student = (lambda j: S[q, j]) if i2t else (lambda j: S[j, q])
             teacher = (lambda j: T[q, j]) if i2t else (lambda j: T[j, q])
-            negatives = sorted((j for j in range(n) if ids[j] != ids[q]), key=lambda j: -student(j))[:k]
+            if not distinct:
+                group = list(range(n))
+            elif i2t:
+                group = list(range(n)) if text_ids is None else text_ids.tolist()
+            else:
+                group = ids
+            negatives, taken = [], set()
+            for j in sorted((j for j in range(n) if ids[j] != ids[q]), key=lambda j: -student(j)):
+                if group[j] not in taken and len(negatives) < k:
+                    taken.add(group[j])
+                    negatives.append(j)
             if kind == "kd":
                 t = np.array([teacher(j) for j in negatives]) / teacher_tau
                 s = np.array([student(j) for j in negatives]) / tau
@@ -55,19 +86,38 @@ def loop_distillation(
                 log_p_s = s - s.max() - np.log(np.exp(s - s.max()).sum())
                 total += float((p_t * (np.log(p_t) - log_p_s)).sum())
                 continue
+            by_teacher = sorted(negatives, key=lambda j: -teacher(j))
+            false_neg = [
+                teacher(j) >= T[q, q] or (fn_threshold is not None and teacher(j) >= fn_threshold) for j in by_teacher
+            ]
+            ranked = [j for j, fn in zip(by_teacher, false_neg) if not fn]  # false negatives sort first
             kept = []
-            for j in sorted(negatives, key=lambda j: -teacher(j)):
-                if teacher(j) >= T[q, q] or (fn_threshold is not None and teacher(j) >= fn_threshold):
-                    continue
+            for j in ranked:
                 if kept and teacher(kept[-1]) - teacher(j) < min_gap:
                     break
                 if max_length is not None and len(kept) == max_length:
                     break
                 kept.append(j)
-            logits = [student(j) / tau for j in kept]
-            for a in range(len(kept) - 1):
-                total += -logits[a] + math.log(sum(math.exp(v) for v in logits[a:]))
-    return total / (2 * n)
+            tail = ranked if normalise == "all" else kept
+            for a, j in enumerate(kept):
+                denominator = sum(math.exp(student(c) / tau) for c in tail[a:])
+                total += -student(j) / tau + math.log(denominator)
+    return total / (2 * len(queries))
+
+
+def test_chain_normalisations_hand_computed():
+    # teacher order c1 > c2 > c3 with student logits a, b, c; only c1, c2 kept (max_length=2)
+    a, b, c = 0.3, 0.9, -0.2
+    student = torch.tensor([[a, b, c]], dtype=torch.float64)
+    keep = torch.tensor([[True, True, False]])
+    paper = -a + math.log(math.exp(a) + math.exp(b) + math.exp(c)) - b + math.log(math.exp(b) + math.exp(c))
+    prefix = -a + math.log(math.exp(a) + math.exp(b))
+    assert ranking_chain(student, keep, 1.0).item() == pytest.approx(paper, rel=1e-12)
+    assert ranking_chain(student, keep, 1.0, normalise="prefix").item() == pytest.approx(prefix, rel=1e-12)
+    # a dropped false negative at the head is in no denominator
+    keep_fn = torch.tensor([[False, True, False]])
+    expected = -b + math.log(math.exp(b) + math.exp(c))
+    assert ranking_chain(student, keep_fn, 1.0).item() == pytest.approx(expected, rel=1e-12)
 
 
 def test_chain_hand_computed_k3():
@@ -102,17 +152,68 @@ def test_valid_prefix_rule(scores, pos, kw, expected):
     assert keep.int().tolist() == [expected]
 
 
-@pytest.mark.parametrize("kw", [{}, {"fn_threshold": 0.5}, {"min_gap": 0.3}, {"max_length": 2}])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"fn_threshold": 0.5},
+        {"min_gap": 0.3},
+        {"max_length": 2},
+        {"min_gap": 0.3, "normalise": "prefix"},
+        {"max_length": 2, "normalise": "prefix"},
+        {"distinct": False},
+    ],
+)
 def test_cprd_matches_loop_reference(kw):
-    img, txt, table = paired_batch(10, 8, seed=1)
-    ids = torch.tensor([0, 0, 1, 2, 3, 3, 4, 5, 6, 7])  # shared ids: never negatives of each other
+    img, txt, table = paired_batch(12, 8, seed=1)
+    # shared ids (several captions of one image: its image row repeats) are never negatives of each other
+    ids = torch.tensor([0, 0, 1, 2, 3, 3, 3, 4, 5, 5, 6, 7])
+    img = img[[0, 0, 2, 3, 4, 4, 4, 7, 8, 8, 10, 11]]  # rows of one id hold the same image embedding
     loss = CPRDLoss(TableTeacher(table), k=4, lam=0.7, **kw)
-    rows = torch.arange(10)
+    rows = torch.arange(12)
     value = loss(img, txt, ids, images=rows, texts=rows)
     tau = 1.0 / loss.itc.loss.scale.item()
     itc = CrossModalLoss(InfoNCELoss())(img, txt, ids)
     expected = itc.item() + 0.7 * loop_distillation(img, txt, ids, table, 4, tau, **kw)
     assert value.item() == pytest.approx(expected, rel=1e-9)
+
+
+def test_distinct_changes_the_candidates_when_an_image_repeats():
+    img, txt, table = paired_batch(12, 8, seed=1)
+    ids = torch.tensor([0, 0, 1, 2, 3, 3, 3, 4, 5, 5, 6, 7])
+    img = img[[0, 0, 2, 3, 4, 4, 4, 7, 8, 8, 10, 11]]
+    rows = torch.arange(12)
+    values = [
+        CPRDLoss(TableTeacher(table), k=4, temperature=0.1, distinct=d).distillation(img, txt, ids, rows, rows)
+        for d in (True, False)
+    ]
+    assert abs(values[0].item() - values[1].item()) > 1e-3  # the loop reference test pins both values
+
+
+def test_memory_queue_mines_beyond_the_batch():
+    img, txt, table = paired_batch(12, 8, seed=8)
+    ids = torch.arange(12)  # 12 distinct pairs
+    text_ids = 100 + torch.arange(12)
+    rows = torch.arange(12)
+    loss = CPRDLoss(TableTeacher(table), k=5, temperature=0.2, memory_size=8)
+    first, second = rows[:6], rows[6:]
+    # the first batch alone: 5 negatives exist; then the second batch mines among itself + the queued first batch
+    value1 = loss.distillation(img[first], txt[first], ids[first], first, first, text_ids[first])
+    assert len(loss.memory) == 6
+    value2 = loss.distillation(img[second], txt[second], ids[second], second, second, text_ids[second])
+    assert len(loss.memory) == 8 and torch.equal(loss.memory["ids"], ids[4:])  # FIFO: the oldest two dropped
+    expected1 = loop_distillation(img, txt, ids, table, 5, 0.2, queries=first.tolist(), text_ids=text_ids)
+    # candidates of batch 2 = all 12 rows (loop walks every row); batch 1's restricted to its own rows
+    expected2 = loop_distillation(img, txt, ids, table, 5, 0.2, queries=second.tolist(), text_ids=text_ids)
+    sub = loop_distillation(img[first], txt[first], ids[first], table[:6, :6], 5, 0.2)
+    assert value1.item() == pytest.approx(sub, rel=1e-9)
+    assert value2.item() == pytest.approx(expected2, rel=1e-9)
+    assert expected1 != pytest.approx(sub)  # beyond-batch candidates matter for these data
+    loss.eval()
+    loss.distillation(img[second], txt[second], ids[second], second, second, text_ids[second])
+    assert torch.equal(loss.memory["ids"], ids[4:])  # eval mode does not enqueue
+    with pytest.raises(ValueError, match="text_ids"):
+        loss.distillation(img[second], txt[second], ids[second], second, second)
 
 
 def test_logit_distillation_matches_numpy_kl():

@@ -105,11 +105,28 @@ def test_topk_hardest_matches_sorted_similarities():
         assert row == sorted(neg, key=lambda j: -sim[i, j])[:3]
 
 
+def test_topk_hardest_distinct_takes_one_row_per_reference_label():
+    x, ref = unit(5, 4, 16), unit(12, 4, 17)
+    labels, ref_labels = torch.arange(5), torch.arange(12) % 6  # every reference label appears twice
+    a, n = create_miner("topk_hardest", k=3, distinct=True)(x, labels, ref, ref_labels)
+    sim = (x @ ref.T).numpy()
+    for i, row in enumerate(n.view(5, 3).tolist()):
+        # loop reference: walk the negatives hardest first, skipping labels already taken
+        taken, want = set(), []
+        for j in sorted((j for j in range(12) if ref_labels[j] != labels[i]), key=lambda j: -sim[i, j]):
+            if int(ref_labels[j]) not in taken:
+                taken.add(int(ref_labels[j]))
+                want.append(j)
+        assert row == want[:3]
+
+
 def test_topk_too_large_raises():
     x, labels = unit(6, 4, 14), torch.tensor([0, 0, 1, 1, 2, 2])
     create_miner("topk_hardest", k=4)(x, labels)  # every anchor has exactly 4 negatives
-    with pytest.raises(ValueError, match="k=5 negatives per anchor"):
+    with pytest.raises(ValueError, match="k=5 distinct negatives per query"):
         create_miner("topk_hardest", k=5)(x, labels)
+    with pytest.raises(ValueError, match="has only 2"):  # 4 negative rows but only 2 distinct labels
+        create_miner("topk_hardest", k=3, distinct=True)(x, labels)
     with pytest.raises(ValueError, match="positive integer"):
         create_miner("topk_hardest", k=0)
 

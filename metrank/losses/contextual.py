@@ -30,12 +30,12 @@ class StraightThroughStep(torch.autograd.Function):
     """``step(x - threshold) = 1[x >= threshold]`` forward; backward ``d/dx = gain``, threshold gets no gradient."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, threshold: torch.Tensor, gain: float) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor, threshold: torch.Tensor, gain: float) -> torch.Tensor:
         ctx.gain = gain
         return (x >= threshold).to(x.dtype)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor):
         return grad * ctx.gain, None, None
 
 

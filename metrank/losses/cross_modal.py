@@ -1,4 +1,5 @@
-"""Symmetric image↔text form of any PML-convention loss, with global negatives under DDP."""
+"""Symmetric image↔text form of any PML-convention loss, with global negatives under DDP and an optional
+cross-batch memory of past pairs (XBM, :mod:`metrank.losses.memory`)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import torch
 from torch import nn
 
 from metrank.distributed import all_gather_no_grad, all_gather_with_grad
+from metrank.errors import InputError
 from metrank.losses.base import PairedLoss
+from metrank.losses.memory import MemoryQueue
 from metrank.validation import check_choice
 
 
@@ -53,12 +56,20 @@ class CrossModalLoss(PairedLoss):
 
     For CLIP's InfoNCE, ``CrossModalLoss(InfoNCELoss())`` is exactly ``½[CE(s·I·Tᵀ) + CE(s·T·Iᵀ)]``; for VSE++,
     ``CrossModalLoss(HardNegativeLoss(reduction="sum"), combine="sum")`` is exactly Faghri et al.'s loss.
+
+    ``memory_size > 0`` adds a cross-batch memory (XBM): the references are the (gathered) batch followed by the
+    image/text embeddings and ids of up to ``memory_size`` earlier pairs, so a hinge loss mines its hardest negative
+    beyond the batch (queued rows sharing an anchor's id count as its positives). The batch joins the queue after
+    the loss is computed (in training mode); every rank holds the same queue.
     """
 
-    def __init__(self, loss: nn.Module, combine: str = "mean") -> None:
+    def __init__(self, loss: nn.Module, combine: str = "mean", memory_size: int = 0) -> None:
         super().__init__()
         self.loss = loss
         self.combine = check_choice(combine, ("mean", "sum"), "combine")
+        if memory_size < 0:
+            raise InputError(f"memory_size must be >= 0 (0 = no memory), got {memory_size}")
+        self.memory = MemoryQueue(memory_size) if memory_size else None
 
     def step(self) -> None:
         """Forward a schedule step (e.g. :class:`HardNegativeLoss` warm-up) to the wrapped loss, if it has one."""
@@ -69,4 +80,11 @@ class CrossModalLoss(PairedLoss):
     def forward(self, image_emb: torch.Tensor, text_emb: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         self.check_pairs(image_emb, text_emb, ids)
         image_ref, text_ref, ref_ids = gather_pairs(image_emb, text_emb, ids)
-        return symmetric_loss(self.loss, image_emb, text_emb, ids, image_ref, text_ref, ref_ids, self.combine)
+        if self.memory is not None:
+            image_ref = torch.cat([image_ref, self.memory.get("image", image_emb).to(image_emb)])
+            text_ref = torch.cat([text_ref, self.memory.get("text", text_emb).to(text_emb)])
+            ref_ids = torch.cat([ref_ids, self.memory.get("ids", ids).to(ids.device)])
+        value = symmetric_loss(self.loss, image_emb, text_emb, ids, image_ref, text_ref, ref_ids, self.combine)
+        if self.memory is not None and self.training:
+            self.memory.push(image=image_emb, text=text_emb, ids=ids)
+        return value

@@ -12,6 +12,8 @@ from metrank.pairs import IndicesTuple, pair_masks, similarity_matrix
 
 @LOSSES.register("hard_negative")
 class HardNegativeLoss(PairwiseLoss):
+    steps_done: torch.Tensor
+
     """VSE++ (Faghri et al., BMVC 2018) hinge ranking loss, one direction (anchors → references).
 
     For every positive pair ``(i, p)`` (same label; with a paired batch the diagonal):

@@ -92,6 +92,8 @@ class TowerScoreTeacher(nn.Module):
     an open_clip model); it is frozen and put in eval mode.
     """
 
+    model: Any  # any module with encode_image / encode_text
+
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model.eval().requires_grad_(False)

@@ -48,7 +48,7 @@ class TripletMarginLoss(PairwiseLoss):
     def _build_miner(self, miner: str | Miner | None) -> Miner:
         if callable(miner):
             return miner
-        kwargs = {"distance": self.distance}
+        kwargs: dict[str, float | str] = {"distance": self.distance}
         if miner in ("all", "semi_hard", "hard"):
             kwargs["margin"] = self.margin
         if miner is not None:
