@@ -33,9 +33,10 @@ def build(model, vendors: list[str], batch_size: int) -> Retriever:
     data = create_dataset("emoji", split="test")
     keep = [i for i, v in enumerate(data.image_views) if v in vendors]
     names = {int(data.caption_image[c]): data.captions[c] for c in range(len(data.captions))}
-    retriever = Retriever.create(model=model)
+    paths = [data.images[i] for i in keep]
+    retriever = Retriever.create(model=model, media_roots=[os.path.commonpath(paths)])
     retriever.add(
-        images=[data.images[i] for i in keep],
+        images=paths,
         batch_size=batch_size,
         metadata=[
             {"name": names[i], "identity": int(data.image_labels[i]), "vendor": str(data.image_views[i])} for i in keep

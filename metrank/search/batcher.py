@@ -40,14 +40,16 @@ class _Request:
 
 class QueryBatcher:
     """``batcher.search(vector, k=10, filter=..., modality=..., hubness=...)`` from any thread; see the module
-    docstring. ``max_batch`` bounds the queries per worker step."""
+    docstring. ``max_batch`` bounds the queries per worker step; ``enabled=False`` answers each query in the
+    caller's thread (the unbatched path, for comparison)."""
 
-    def __init__(self, retriever: Retriever, max_batch: int = 256, max_wait: float = 0.0) -> None:
+    def __init__(self, retriever: Retriever, max_batch: int = 256, max_wait: float = 0.0, enabled: bool = True) -> None:
         if max_batch < 1 or max_wait < 0:
             raise InputError("max_batch must be >= 1 and max_wait >= 0")
         self.retriever = retriever
         self.max_batch = int(max_batch)
         self.max_wait = float(max_wait)
+        self.enabled = enabled
         self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
@@ -67,6 +69,8 @@ class QueryBatcher:
         self.retriever.store.where(filter, modality)  # bad filters fail here, in the caller's thread
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise InputError(f"k must be a positive integer, got {k!r}")
+        if not self.enabled:
+            return self.retriever.search_vectors(query, k, filter, modality, hubness)[0]
         request = _Request(query, k, filter, modality, hubness)
         self._ensure_worker()
         self._queue.put(request)

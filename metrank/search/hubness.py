@@ -29,7 +29,7 @@ from metrank.errors import InputError
 from metrank.registry import Registry
 from metrank.validation import check_embeddings
 
-HUBNESS = Registry("hubness correction")
+HUBNESS: Registry[HubnessCorrection] = Registry("hubness correction")
 _CHUNK = 4096
 
 
@@ -122,19 +122,19 @@ class HubnessState:
     def __len__(self) -> int:
         return len(self._bias)
 
-    def add_items(self, ids: Sequence[int], vectors: np.ndarray) -> None:
-        ids = np.asarray(ids, dtype=np.int64)
-        for start in range(0, len(ids), _CHUNK):
+    def add_items(self, ids: Sequence[int] | np.ndarray, vectors: np.ndarray) -> None:
+        id_array = np.asarray(ids, dtype=np.int64)
+        for start in range(0, len(id_array), _CHUNK):
             sims = vectors[start : start + _CHUNK].astype(np.float32) @ self.bank.T  # [n, B]
             bias = self.correction.item_bias(sims)
-            self._bias.update(zip(ids[start : start + _CHUNK].tolist(), bias.tolist()))
+            self._bias.update(zip(id_array[start : start + _CHUNK].tolist(), bias.tolist()))
             best = sims.argmax(axis=0)
             best_score = sims[best, np.arange(sims.shape[1])]
             better = best_score > self.top1_score
             self.top1_score[better] = best_score[better]
-            self.top1_id[better] = ids[start : start + _CHUNK][best[better]]
+            self.top1_id[better] = id_array[start : start + _CHUNK][best[better]]
 
-    def remove_items(self, ids: Sequence[int]) -> np.ndarray:
+    def remove_items(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """Forget ``ids``; returns the indices of bank queries whose top-1 was removed (to re-search)."""
         for i in ids:
             self._bias.pop(int(i), None)

@@ -294,7 +294,7 @@ class Retriever:
                 raise InputError("texts must be non-empty strings")
             n, kind = len(texts_column), "text"
         else:
-            n, kind = len(vectors), modality or "vector"
+            n, kind = len(np.asarray(vectors)), modality or "vector"
         if modality is not None and modality != kind:
             raise InputError(f"modality={modality!r} contradicts the {kind} items given")
         if kind not in MODALITIES:
@@ -312,9 +312,9 @@ class Retriever:
         explicit = _check_ids(ids, n) if ids is not None else None
         if vectors is None:
             vectors = (
-                self.embed_images(images, batch_size=batch_size, progress=progress)
+                self.embed_images(images or [], batch_size=batch_size, progress=progress)
                 if kind == "image"
-                else self.embed_texts(texts_column, batch_size=batch_size, progress=progress)
+                else self.embed_texts(texts_column or [], batch_size=batch_size, progress=progress)
             )
         with self._lock.write():
             if explicit is None:
@@ -375,7 +375,7 @@ class Retriever:
             items = self.store.get(keep.tolist())
             fresh = create_index(self.index_spec, dim=self.dim, metric="ip")
             if keep.size:
-                fresh.add(np.stack([items[int(i)].vector for i in keep]), keep)
+                fresh.add(np.stack([np.asarray(items[int(i)].vector) for i in keep]), keep)
             removed = self.index.ntotal - fresh.ntotal
             self.index = fresh
         if self.hubness is not None:

@@ -270,7 +270,7 @@ class ItemStore:
                 self._db.execute(f'CREATE INDEX IF NOT EXISTS "meta_{key}" ON items({_json_path(key)})')
                 self._indexed_keys.add(key)
 
-    def delete(self, ids: Sequence[int]) -> None:
+    def delete(self, ids: Sequence[int] | np.ndarray) -> None:
         """Delete items by id; call inside :meth:`transaction`."""
         with self._lock:
             for chunk in _chunks([int(i) for i in ids]):

@@ -67,6 +67,7 @@ def create_app(
     snapshot_every_writes: int = 1000,
     snapshot_every_seconds: float = 60.0,
     batch_wait: float = 0.0,
+    batching: bool = True,
 ) -> FastAPI:
     """The FastAPI app serving ``retriever``.
 
@@ -74,7 +75,8 @@ def create_app(
     declared a media root); ``save_dir``: where ``POST /save`` writes (default: the retriever's directory);
     ``allowed_hosts``: host names answered besides loopback and ``bind_host`` (``["*"]``: any);
     ``snapshot_every_*``: background index snapshots (saved retrievers only); ``batch_wait``: seconds a batch
-    waits for more concurrent queries (0: take whatever is queued).
+    waits for more concurrent queries (0: take whatever is queued); ``batching=False`` searches each request on
+    its own.
     """
     if (
         not (isinstance(max_request_bytes, int) and isinstance(max_upload_bytes, int))
@@ -86,7 +88,7 @@ def create_app(
     os.makedirs(media_dir, exist_ok=True)
     if os.path.realpath(media_dir) != os.path.realpath(retriever.media_dir or "/nonexistent"):
         retriever.add_media_root(media_dir)
-    batcher = QueryBatcher(retriever, max_wait=batch_wait)
+    batcher = QueryBatcher(retriever, max_wait=batch_wait, enabled=batching)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -104,7 +104,7 @@ def _read_image(data: bytes, name: str):
         if img.width * img.height > MAX_IMAGE_PIXELS:
             raise HTTPError(413, f"image {name!r} has {img.width}x{img.height} pixels, more than {MAX_IMAGE_PIXELS}")
         img.load()
-        img = to_rgb(img)  # the same conversion as images added by path (transparency -> white)
+        rgb = to_rgb(img)  # the same conversion as images added by path (transparency -> white)
     except Image.DecompressionBombError as err:
         raise HTTPError(413, f"image {name!r} is too large: {err}") from None
     except UnidentifiedImageError:
@@ -117,7 +117,7 @@ def _read_image(data: bytes, name: str):
         raise HTTPError(400, f"upload {name!r} is a corrupt image: {err}") from None
     if fmt not in IMAGE_FORMATS:
         raise HTTPError(415, f"upload {name!r} has image format {fmt}; use one of {sorted(IMAGE_FORMATS)}")
-    return img, IMAGE_FORMATS[fmt]
+    return rgb, IMAGE_FORMATS[fmt]
 
 
 def _json_form(value: str | None, name: str, kind: type):
@@ -152,7 +152,7 @@ def search(body: SearchRequest, svc: ServiceDep):
     if (body.text is None) == (body.vector is None):
         raise HTTPError(422, "send exactly one of 'text' or 'vector'")
     r = svc.retriever
-    query = r.embed_query(text=body.text) if body.text is not None else _vectors(body.vector, r.dim, "vector")
+    query = r.embed_query(text=body.text) if body.vector is None else _vectors(body.vector, r.dim, "vector")
     hits = svc.batcher.search(query, k=body.k, filter=body.filter, modality=body.modality, hubness=body.hubness)
     return {"hits": [item_json(h) for h in hits]}
 
