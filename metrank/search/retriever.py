@@ -522,19 +522,24 @@ class Retriever:
             raise InputError("save needs a directory (this retriever was never saved or loaded)")
         db_path = os.path.join(directory, snapshots.DB_FILE)
         moving = self.store.path != db_path
-        if moving and os.path.isdir(directory) and (os.path.exists(db_path) or snapshots.read_manifest(directory)):
+        if moving and os.path.isdir(directory) and snapshots.read_manifest(directory) is not None:
             raise InputError(
                 f"{directory} already holds another retriever; save into a new folder or remove that one first"
             )
         os.makedirs(directory, exist_ok=True)
         with self._save_lock:
             snapshots.save_model(directory, self.model_reference, self.directory, lambda: self.model)
-            with self._lock.read():  # a consistent view: writers wait, searches continue
-                self.store.commit()
-                if moving:
+            if moving:  # first save (or save-as): the store moves to the folder; nothing may use the old one
+                with self._lock.write():
+                    for leftover in (db_path, db_path + "-wal", db_path + "-shm"):  # of a killed first save
+                        if os.path.exists(leftover):
+                            os.remove(leftover)
+                    self.store.commit()
                     previous, self.store = self.store, self.store.copy_to(db_path, autocommit=self.store.autocommit)
                     previous.close()
                     self.directory = directory
+            with self._lock.read():  # a consistent view: writers wait, searches continue
+                self.store.commit()
                 config = {"dim": self.dim, "index_spec": self.index_spec, "model": self.model_reference}
                 name = snapshots.write_snapshot(directory, self.index, self.hubness, {**config, "seq": self._seq})
                 self.pending_writes = 0
