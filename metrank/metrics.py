@@ -1,17 +1,26 @@
-"""Retrieval metrics computed from exact, tie-stable k-nearest neighbours, in bounded memory.
+"""Exact retrieval metrics by rank counting (no k limit, shard-additive), and exact k-NN.
 
 Ranking rule (used everywhere here): gallery items are ordered by score, best first (inner product for
 ``metric="ip"``, smallest squared L2 distance for ``metric="l2"``); **among equal scores the lower gallery index ranks
 first**. Results therefore equal a brute-force ``np.lexsort((index, -score))`` reference exactly, ties included.
 
-How the exact top-k is found fast: an exact FAISS flat index (GPU when present) returns the ``k + 1`` best items of
-each query (``k + 2`` when the query itself must be skipped). Its *set of scores* is exact, but FAISS does not order
-equal scores by index. So (1) inside the returned list, rows with equal neighbouring scores are re-sorted by
-(score, index); (2) a row whose ``k``-th and ``k+1``-th scores are equal (a tie across the cut, where FAISS may have
-kept the wrong item) is recomputed against the whole gallery with a tie-exact selection. Bit-identical gallery
-vectors are indexed once and expanded back (BLAS rounds one dot product differently depending on the column's place
-in the matrix, which would otherwise split such exact duplicates). Queries are processed in chunks, so memory is
-O(chunk x k) plus FAISS's fixed-size GEMM blocks -- never an N x N matrix.
+Rank counting: every metric below needs only r_p, the 0-based rank of each relevant item p of a query = the number of
+gallery items that outrank p. With p the position of the item among the query's relevant items (in ranking order),
+r_p = p + (non-relevant items outranking it). So (1) each query's relevant items are scored exactly (float64 from
+the float32 inputs) and sorted (``shard_relevant_items`` / ``merge_relevant_items``: O(queries x relevant) state);
+(2) blocked float32 GEMM tiles of queries x gallery are scanned once: entries at or above the query's lowest
+relevant score are counted against its sorted relevant scores (``shard_rank_counts``). An entry whose tile score
+lies within the GEMM rounding bound ``2 (d + 4) u |q| |g|`` of a relevant score (u = 2^-24; a near-tie or an
+identical vector, which BLAS may round differently depending on its column) is rescored exactly, so identical
+vectors tie and the tie rule holds. No top-k list is built, so any K works (K > gallery included), and the counts of
+disjoint gallery shards add up (``combine_rank_counts``) -- the basis of ``metrank.scale``'s sharded evaluation.
+From the ranks: R@K = [r_0 < K], P@K = #{p: r_p < K} / K, MAP@R = (1/R) sum_{r_p < R} (p + 1) / (r_p + 1),
+R-precision = #{p: r_p < R} / R, medr/meanr from r_0.
+
+``knn`` (exact, tie-stable top-k lists) uses an exact FAISS flat index (GPU when present) for the ``k + 1`` best
+items of each query, re-sorts equal-score runs by index, recomputes rows with a tie across the cut against the whole
+gallery, and indexes bit-identical gallery vectors once (BLAS rounds one dot product differently depending on the
+column's place in the matrix, which would otherwise split such duplicates).
 
 Class-label retrieval (``retrieval_metrics``; Musgrave et al., "A Metric Learning Reality Check", ECCV 2020):
 
@@ -35,6 +44,8 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -123,7 +134,7 @@ class GalleryScorer:
             self._slot = None if self.slot is None else torch.from_numpy(self.slot).to(self.device)
         qt = torch.from_numpy(q).to(self.device)
         s = qt @ self._vectors.T
-        if self.metric == "l2":
+        if self._sq_norms is not None:
             s = 2 * s - self._sq_norms[None, :] - (qt * qt).sum(1, keepdim=True)
         return s if self._slot is None else s[:, self._slot]
 
@@ -143,7 +154,7 @@ def _topk_tie_stable(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
 
 def _sort_ties_by_index(scores: np.ndarray, ids: np.ndarray) -> None:
     """In place: rows already sorted by score get equal-score runs ordered by ascending id."""
-    tied = np.flatnonzero((scores[:, 1:] == scores[:, :-1]).any(1)) if scores.shape[1] > 1 else []
+    tied = np.flatnonzero((scores[:, 1:] == scores[:, :-1]).any(1)) if scores.shape[1] > 1 else np.empty(0, np.int64)
     if len(tied):
         s, i = scores[tied], ids[tied]
         by_id = np.argsort(i, axis=1, kind="stable")
@@ -258,7 +269,7 @@ def knn(
         raise InputError(f"k must be a positive integer, got {k!r}")
     _check_metric(metric)
     leave_one_out = gallery is None
-    engine = ExactKNN(query if leave_one_out else _check_gallery(gallery, query.shape[1]), metric, device)
+    engine = ExactKNN(query if gallery is None else _check_gallery(gallery, query.shape[1]), metric, device)
     chunk_size = chunk_size or max(256, min(8192, ELEMENTS_PER_CHUNK // k))
     scores = np.empty((len(query), k), np.float32)
     ids = np.empty((len(query), k), np.int64)
@@ -275,11 +286,300 @@ def _check_gallery(gallery: Array, dim: int) -> np.ndarray:
     return gallery
 
 
-def _relevant_counts(query_labels: np.ndarray, gallery_labels: np.ndarray, leave_one_out: bool) -> np.ndarray:
-    classes, counts = np.unique(gallery_labels, return_counts=True)
-    pos = np.clip(np.searchsorted(classes, query_labels), 0, len(classes) - 1)
-    found = classes[pos] == query_labels
-    return np.where(found, counts[pos], 0) - int(leave_one_out)
+# ---- rank counting ----------------------------------------------------------------------------------------------
+ROUNDING = 2.0**-24  # unit roundoff of float32
+TILE_COLUMNS = 8192  # gallery columns per score tile
+TILE_ROWS = 1024  # queries per score tile (fewer when queries have many relevant items)
+
+
+@dataclass
+class RelevantItems:
+    """The relevant gallery items of each query in ranking order -- score descending, then gallery index ascending --
+    which the rank counts are taken against.
+
+    ``scores`` (float64 [Q, L]) are dot products (``ip``) or negated squared distances (``l2``) computed in float64
+    from the float32 inputs, so identical vectors score identically; unused slots hold score +inf and index -1.
+    ``n_relevant`` [Q] counts all relevant items of each query, also those cut off by a ``limit``.
+    """
+
+    scores: np.ndarray
+    index: np.ndarray
+    n_relevant: np.ndarray
+
+    @property
+    def n_kept(self) -> np.ndarray:
+        """Relevant items held per query (``min(n_relevant, L)``)."""
+        return (self.index >= 0).sum(1)
+
+
+def _exact_scores(q: np.ndarray, g: np.ndarray, metric: str) -> np.ndarray:
+    """float64 scores of row pairs (q[i], g[i]): products of float32 numbers are exact in float64 and the same row
+    pair always gives the same value, wherever it sits (unlike a BLAS tile)."""
+    out = np.empty(len(q), np.float64)
+    step = max(1, (1 << 22) // q.shape[1])
+    for start in range(0, len(q), step):
+        a, b = q[start : start + step].astype(np.float64), g[start : start + step].astype(np.float64)
+        out[start : start + step] = (a * b).sum(1) if metric == "ip" else -((a - b) ** 2).sum(1)
+    return out
+
+
+def _query_index(query_index: Array | None, n: int) -> np.ndarray:
+    if query_index is None:
+        return np.full(n, -1, np.int64)
+    out = np.asarray(query_index, dtype=np.int64)
+    if out.shape != (n,):
+        raise InputError(f"query_index must hold one gallery index (or -1) per query ({n}), got shape {out.shape}")
+    return out
+
+
+def shard_relevant_items(
+    query: Array,
+    query_labels: Array,
+    shard: Array,
+    shard_labels: Array,
+    offset: int = 0,
+    query_index: Array | None = None,
+    metric: str = "ip",
+    limit: int | None = None,
+) -> RelevantItems:
+    """The relevant items (same label) a gallery shard holds for each query, scored exactly and sorted.
+
+    The shard holds gallery rows ``offset .. offset + len(shard) - 1``; ``query_index[i]`` is the gallery row that is
+    query i itself (left out; -1: none). ``limit`` keeps each query's best ``limit`` items. Merge the shards' results
+    with :func:`merge_relevant_items`.
+    """
+    query, shard = _as_float32(query, "query"), _check_gallery(shard, np.shape(query)[1])
+    query_labels = _labels(query_labels, len(query), "query_labels")
+    shard_labels = _labels(shard_labels, len(shard), "shard_labels")
+    _check_metric(metric)
+    self_rows = _query_index(query_index, len(query)) - offset
+    order = np.argsort(shard_labels, kind="stable")  # each label's rows in ascending order
+    lo = np.searchsorted(shard_labels[order], query_labels, "left")
+    n = np.searchsorted(shard_labels[order], query_labels, "right") - lo
+    width = int(n.max(initial=0))
+    slot = np.arange(width)[None, :]
+    valid = slot < n[:, None]
+    rows = np.where(valid, order[np.minimum(lo[:, None] + slot, len(shard) - 1)], -1)
+    valid &= rows != self_rows[:, None]
+    scores = np.full(rows.shape, -np.inf)
+    q_of = np.broadcast_to(np.arange(len(query))[:, None], rows.shape)[valid]
+    scores[valid] = _exact_scores(query[q_of], shard[rows[valid]], metric)
+    index = np.where(valid, rows + offset, -1)
+    items = RelevantItems(np.where(valid, scores, np.inf), index, valid.sum(1))
+    return merge_relevant_items([items], limit)
+
+
+def merge_relevant_items(parts: Sequence[RelevantItems], limit: int | None = None) -> RelevantItems:
+    """Merge per-shard :class:`RelevantItems` of the same queries into one, in ranking order, keeping at most
+    ``limit`` items per query (all when ``None``)."""
+    if not parts:
+        raise InputError("merge_relevant_items needs at least one part")
+    if len({len(p.n_relevant) for p in parts}) != 1:
+        raise InputError(f"parts hold different numbers of queries: {[len(p.n_relevant) for p in parts]}")
+    scores = np.concatenate([p.scores for p in parts], 1)
+    index = np.concatenate([p.index for p in parts], 1)
+    unused = index < 0
+    order = np.lexsort((index, -np.where(unused, -np.inf, scores), unused), axis=1)
+    width = int((~unused).sum(1).max(initial=0))
+    width = width if limit is None else min(width, int(limit))
+    order = order[:, :width]
+    return RelevantItems(
+        np.take_along_axis(scores, order, 1),
+        np.take_along_axis(index, order, 1),
+        np.sum([p.n_relevant for p in parts], axis=0),
+    )
+
+
+def _float32_bounds(t: np.ndarray, slack: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float32 ``(lo, hi)`` with ``lo <= t - slack`` and ``hi >= t + slack`` (+inf stays +inf)."""
+    inf = np.float32(np.inf)
+    with np.errstate(invalid="ignore"):
+        lo = np.nextafter((t - slack).astype(np.float32), -inf)
+        hi = np.nextafter((t + slack).astype(np.float32), inf)
+    return np.where(np.isinf(t), inf, lo), np.where(np.isinf(t), inf, hi)
+
+
+def shard_rank_counts(
+    query: Array,
+    relevant: RelevantItems,
+    shard: Array,
+    offset: int = 0,
+    query_index: Array | None = None,
+    metric: str = "ip",
+    device: str = "auto",
+) -> np.ndarray:
+    """Per-shard rank counts: ``counts[i, p]`` (int64 [Q, L]) = how many items of this gallery shard that are not
+    query i's relevant items (nor query i itself) outrank its p-th relevant item (``relevant``: the merged
+    :class:`RelevantItems` of the whole gallery; the shard holds gallery rows ``offset ..``).
+
+    Counts of disjoint shards add up (:func:`combine_rank_counts`); :func:`ranks_from_counts` turns the total into
+    ranks. Scores come from float32 GEMM tiles and only entries at or above the query's lowest kept relevant score
+    are looked at. An entry whose tile score lies within the GEMM rounding bound of a relevant score (a near-tie, an
+    identical vector) is rescored exactly (float64) and ties go to the lower gallery index, so the counts are exact.
+    Relevant items cut off by a ``limit`` never outrank a kept one, so they need no exclusion.
+    """
+    query, shard = _as_float32(query, "query"), _check_gallery(shard, np.shape(query)[1])
+    _check_metric(metric)
+    n_q, width = relevant.index.shape
+    if n_q != len(query):
+        raise InputError(f"relevant items are for {n_q} queries, got {len(query)} queries")
+    self_index = _query_index(query_index, n_q)
+    hist = np.zeros((n_q, width + 1), np.int64)  # hist[i, k]: items outranking exactly k relevant items of query i
+    kept = relevant.n_kept
+    todo = np.flatnonzero(kept > 0)
+    dev = _torch_device(device)
+    d = query.shape[1]
+    q_norm = np.sqrt(np.einsum("ij,ij->i", query, query, dtype=np.float64))
+    g_norm = float(np.sqrt(np.einsum("ij,ij->i", shard, shard, dtype=np.float64).max()))
+    slack = 2 * (d + 4) * ROUNDING * (q_norm * g_norm if metric == "ip" else (q_norm + g_norm) ** 2)
+    lo, hi = _float32_bounds(relevant.scores, slack[:, None])
+    g = torch.from_numpy(shard).to(dev)
+    g_sq = (g * g).sum(1) if metric == "l2" else None
+    rows_per_block = max(1, min(TILE_ROWS, (1 << 22) // max(width, 1)))
+    for start in range(0, len(todo), rows_per_block):
+        rows = todo[start : start + rows_per_block]
+        q = torch.from_numpy(query[rows]).to(dev)
+        q_sq = (q * q).sum(1) if g_sq is not None else None
+        bound = lo[rows, kept[rows] - 1][:, None]  # the lowest kept relevant score, minus the slack
+        # entries that never count: the kept relevant items and the query itself (block row, shard row)
+        skip = np.concatenate([relevant.index[rows], self_index[rows, None]], 1) - offset
+        skip_r, skip_k = np.nonzero((skip >= 0) & (skip < len(shard)))
+        skip_c = skip[skip_r, skip_k]
+        for col in range(0, len(shard), TILE_COLUMNS):
+            s = q @ g[col : col + TILE_COLUMNS].T
+            if g_sq is not None and q_sq is not None:  # negated squared distance
+                s.mul_(2).sub_(g_sq[None, col : col + TILE_COLUMNS]).sub_(q_sq[:, None])
+            in_tile = (skip_c >= col) & (skip_c < col + s.shape[1])
+            s[torch.from_numpy(skip_r[in_tile]), torch.from_numpy(skip_c[in_tile] - col)] = -torch.inf
+            r, c, v = _above(s, bound)
+            if not len(r):
+                continue
+            per_row = np.bincount(r, minlength=len(rows))
+            n_above, n_near = np.zeros(len(v), np.int64), np.zeros(len(v), np.int64)
+            for p in range(width):  # one relevant item at a time: contiguous 1-D passes over the candidates
+                surely = v > np.repeat(hi[rows, p], per_row)
+                n_above += surely
+                n_near += (v >= np.repeat(lo[rows, p], per_row)) & ~surely
+            near = np.flatnonzero(n_near)
+            if len(near):
+                q_rows, g_rows = rows[r[near]], c[near] + col
+                exact = _exact_scores(query[q_rows], shard[g_rows], metric)[:, None]
+                t, t_index = relevant.scores[q_rows], relevant.index[q_rows]
+                n_above[near] = ((exact > t) | ((exact == t) & (g_rows[:, None] + offset < t_index))).sum(1)
+            hist += np.bincount(rows[r] * (width + 1) + n_above, minlength=hist.size).reshape(hist.shape)
+    suffix = np.cumsum(hist[:, ::-1], 1)[:, ::-1]  # suffix[i, k]: items outranking at least k relevant items of i
+    need = kept[:, None] - np.arange(width)[None, :]  # relevant item p is outranked by those outranking >= kept - p
+    return np.where(need > 0, np.take_along_axis(suffix, np.clip(need, 0, width), 1), 0)
+
+
+def _above(s: torch.Tensor, bound: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row, column and float32 score of the entries of ``s`` at or above their row's ``bound``, row-major (on the
+    CPU through numpy's compare and flatnonzero, several times faster than torch.nonzero)."""
+    if s.is_cuda:
+        rt, ct = torch.nonzero(s >= torch.from_numpy(bound).to(s.device)).unbind(1)
+        return rt.cpu().numpy(), ct.cpu().numpy(), s[rt, ct].cpu().numpy()
+    values = s.numpy()
+    flat = np.flatnonzero(values >= bound)
+    r = np.repeat(np.arange(len(values)), np.diff(np.searchsorted(flat, np.arange(len(values) + 1) * values.shape[1])))
+    return r, flat - r * values.shape[1], values.ravel()[flat]
+
+
+def combine_rank_counts(parts: Sequence[np.ndarray]) -> np.ndarray:
+    """Total rank counts over disjoint gallery shards: the element-wise sum of :func:`shard_rank_counts`."""
+    if not parts:
+        raise InputError("combine_rank_counts needs at least one part")
+    if len({p.shape for p in parts}) != 1:
+        raise InputError(f"rank counts of different shapes cannot be combined: {[p.shape for p in parts]}")
+    return np.sum(parts, axis=0)
+
+
+def ranks_from_counts(relevant: RelevantItems, counts: np.ndarray) -> np.ndarray:
+    """0-based rank r_p of each relevant item in the whole gallery: the relevant items ahead of it (p, from the
+    ranking order) plus the non-relevant items outranking it (``counts``); -1 in unused slots."""
+    p = np.arange(relevant.index.shape[1])[None, :]
+    return np.where(relevant.index >= 0, p + counts, -1)
+
+
+def relevant_ranks(
+    query: Array,
+    query_labels: Array,
+    gallery: Array | None = None,
+    gallery_labels: Array | None = None,
+    limit: int | None = None,
+    metric: str = "ip",
+    device: str = "auto",
+    chunk_size: int | None = None,
+    progress: bool | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Ranks of every relevant gallery item of every query, in one process: ``(ranks [Q, L], n_relevant [Q])``.
+
+    ``ranks[i, p]`` is the 0-based rank of query i's p-th best relevant item (-1: unused slot); ``limit`` keeps the
+    best ``limit`` per query; ``gallery=None`` is leave-one-out on the query set. Queries are processed in chunks,
+    each against the whole gallery as one shard.
+    """
+    query = _as_float32(query, "query")
+    query_labels = _labels(query_labels, len(query), "query_labels")
+    if (gallery is None) != (gallery_labels is None):
+        raise InputError("pass both gallery and gallery_labels, or neither (leave-one-out on the query set)")
+    leave_one_out = gallery is None or gallery_labels is None
+    if gallery is None or gallery_labels is None:
+        gallery, gallery_labels = query, query_labels
+    else:
+        gallery = _check_gallery(gallery, query.shape[1])
+        gallery_labels = _labels(gallery_labels, len(gallery), "gallery_labels")
+    _check_metric(metric)
+    _, class_size = np.unique(gallery_labels, return_counts=True)
+    widest = int(class_size.max()) if limit is None else min(int(limit), int(class_size.max()))
+    chunk_size = chunk_size or max(TILE_ROWS, min(1 << 16, ELEMENTS_PER_CHUNK // max(widest, 1)))
+    parts: list[tuple[np.ndarray, np.ndarray]] = []
+    for rows in _chunks(len(query), chunk_size, progress, "rank counts"):
+        self_index = np.arange(rows.start, rows.stop) if leave_one_out else None
+        relevant = shard_relevant_items(
+            query[rows], query_labels[rows], gallery, gallery_labels, query_index=self_index, metric=metric, limit=limit
+        )
+        counts = shard_rank_counts(query[rows], relevant, gallery, query_index=self_index, metric=metric, device=device)
+        parts.append((ranks_from_counts(relevant, counts), relevant.n_relevant))
+    width = max(p[0].shape[1] for p in parts)
+    ranks = np.concatenate([np.pad(r, ((0, 0), (0, width - r.shape[1])), constant_values=-1) for r, _ in parts])
+    return ranks, np.concatenate([n for _, n in parts])
+
+
+def metrics_from_ranks(
+    ranks: np.ndarray,
+    n_relevant: np.ndarray,
+    ks: Sequence[int] = (1, 2, 4, 8),
+    map_at_r: bool = True,
+    warn: bool = True,
+) -> dict[str, float]:
+    """R@K, P@K, MAP@R and R-precision from the relevant items' ranks (``relevant_ranks`` or the sharded
+    equivalent); queries with no relevant item are left out (see the module docstring)."""
+    ks = _check_ks(ks)
+    evaluated = n_relevant > 0
+    n, n_no_relevant = int(evaluated.sum()), int((~evaluated).sum())
+    if n_no_relevant and warn:
+        warnings.warn(
+            f"{n_no_relevant} of {len(n_relevant)} queries have no relevant gallery item (a class with no other "
+            "member); they are left out of every metric",
+            stacklevel=3,
+        )
+    result: dict[str, float] = {}
+    if n == 0:  # as pytorch-metric-learning: every metric 0
+        result.update({f"R@{k}": 0.0 for k in ks}, **{f"P@{k}": 0.0 for k in ks})
+        if map_at_r:
+            result.update({"MAP@R": 0.0, "R-precision": 0.0})
+        return {**result, "n_queries": 0, "n_queries_no_relevant": n_no_relevant}
+    ranks, r = ranks[evaluated], n_relevant[evaluated]
+    held = ranks >= 0
+    result.update({f"R@{k}": float((ranks[:, 0] < k).mean()) for k in ks})
+    result.update({f"P@{k}": float(((held & (ranks < k)).sum(1) / k).mean()) for k in ks})
+    if map_at_r:
+        if ranks.shape[1] < r.max():
+            raise InputError("MAP@R needs the ranks of all relevant items: compute them without a limit")
+        within = held & (ranks < r[:, None])
+        precision = np.arange(1, ranks.shape[1] + 1)[None, :] / np.maximum(ranks + 1, 1)
+        result["MAP@R"] = float(((within * precision).sum(1) / r).mean())
+        result["R-precision"] = float((within.sum(1) / r).mean())
+    return {**result, "n_queries": n, "n_queries_no_relevant": n_no_relevant}
 
 
 def retrieval_metrics(
@@ -297,66 +597,14 @@ def retrieval_metrics(
     """Recall@K / P@K for each K in ``ks``, MAP@R and R-precision (see the module docstring).
 
     Returns ``{"R@1": .., "P@1": .., ..., "MAP@R": .., "R-precision": .., "n_queries": evaluated queries,
-    "n_queries_no_relevant": excluded queries}``. ``map_at_r=False`` skips MAP@R/R-precision, which need
-    k = the largest class size instead of max(ks).
+    "n_queries_no_relevant": excluded queries}``. ``map_at_r=False`` skips MAP@R/R-precision, which need the rank of
+    every relevant item instead of the best max(ks).
     """
-    query = _as_float32(query, "query")
-    query_labels = _labels(query_labels, len(query), "query_labels")
-    if (gallery is None) != (gallery_labels is None):
-        raise InputError("pass both gallery and gallery_labels, or neither (leave-one-out on the query set)")
-    leave_one_out = gallery is None
-    if leave_one_out:
-        gallery, gallery_labels = query, query_labels
-    else:
-        gallery = _check_gallery(gallery, query.shape[1])
-        gallery_labels = _labels(gallery_labels, len(gallery), "gallery_labels")
     ks = _check_ks(ks)
-    _check_metric(metric)
-
-    n_relevant = _relevant_counts(query_labels, gallery_labels, leave_one_out)
-    evaluated = np.flatnonzero(n_relevant > 0)
-    n_no_relevant = len(query) - len(evaluated)
-    if n_no_relevant:
-        warnings.warn(
-            f"{n_no_relevant} of {len(query)} queries have no relevant gallery item (a class with no other "
-            "member); they are left out of every metric",
-            stacklevel=2,
-        )
-    result: dict[str, float] = {}
-    if len(evaluated) == 0:  # as pytorch-metric-learning: every metric 0
-        result.update({f"R@{k}": 0.0 for k in ks}, **{f"P@{k}": 0.0 for k in ks})
-        if map_at_r:
-            result.update({"MAP@R": 0.0, "R-precision": 0.0})
-        return {**result, "n_queries": 0, "n_queries_no_relevant": n_no_relevant}
-
-    n_available = len(gallery) - int(leave_one_out)
-    k = min(max(ks[-1], int(n_relevant.max()) if map_at_r else 0), n_available)
-    engine = ExactKNN(gallery, metric, device)
-    chunk_size = chunk_size or max(256, min(8192, ELEMENTS_PER_CHUNK // k))
-    hits = {kk: 0 for kk in ks}
-    precision = {kk: 0.0 for kk in ks}
-    average_precision = r_precision = 0.0
-    q_sub, l_sub, r_sub = query[evaluated], query_labels[evaluated], n_relevant[evaluated]
-    for rows in _chunks(len(evaluated), chunk_size, progress, "retrieval metrics"):
-        self_ids = evaluated[rows] if leave_one_out else None
-        _, ids = engine.search(q_sub[rows], k, self_ids)
-        relevant = (ids >= 0) & (gallery_labels[np.maximum(ids, 0)] == l_sub[rows, None])
-        first_hit = np.where(relevant.any(1), relevant.argmax(1), k)
-        n_hits = np.cumsum(relevant, axis=1)
-        for kk in ks:
-            hits[kk] += int((first_hit < kk).sum())
-            precision[kk] += float(n_hits[:, min(kk, k) - 1].sum()) / kk
-        if map_at_r:
-            r = r_sub[rows, None]
-            within_r = np.arange(1, k + 1)[None, :] <= r
-            precision_at_i = n_hits / np.arange(1, k + 1)[None, :]
-            average_precision += float(((precision_at_i * (relevant & within_r)).sum(1) / r[:, 0]).sum())
-            r_precision += float(((relevant & within_r).sum(1) / r[:, 0]).sum())
-    n = len(evaluated)
-    result.update({f"R@{kk}": hits[kk] / n for kk in ks}, **{f"P@{kk}": precision[kk] / n for kk in ks})
-    if map_at_r:
-        result.update({"MAP@R": average_precision / n, "R-precision": r_precision / n})
-    return {**result, "n_queries": n, "n_queries_no_relevant": n_no_relevant}
+    ranks, n_relevant = relevant_ranks(
+        query, query_labels, gallery, gallery_labels, None if map_at_r else ks[-1], metric, device, chunk_size, progress
+    )
+    return metrics_from_ranks(ranks, n_relevant, ks, map_at_r)
 
 
 def first_relevant_rank(
@@ -370,25 +618,11 @@ def first_relevant_rank(
     progress: bool | None = None,
 ) -> np.ndarray:
     """0-based rank of the best-ranked gallery item sharing each query's label, under the module's ranking rule
-    (-1 when the gallery holds none). Exact over the whole gallery, computed in query chunks."""
-    query, gallery = _as_float32(query, "query"), _check_gallery(gallery, np.shape(query)[1])
-    query_labels = _labels(query_labels, len(query), "query_labels")
-    gallery_labels = _labels(gallery_labels, len(gallery), "gallery_labels")
-    _check_metric(metric)
-    scorer = GalleryScorer(gallery, metric, device)
-    dev = scorer.device
-    g_labels = torch.from_numpy(gallery_labels).to(dev)
-    columns = torch.arange(len(gallery), device=dev)
-    ranks = np.empty(len(query), np.int64)
-    chunk_size = chunk_size or max(1, ELEMENTS_PER_CHUNK // len(gallery))
-    for rows in _chunks(len(query), chunk_size, progress, "ranks"):
-        s = scorer(query[rows])
-        is_relevant = torch.from_numpy(query_labels[rows]).to(dev)[:, None] == g_labels[None, :]
-        best = torch.where(is_relevant, s, torch.tensor(-torch.inf, device=dev)).max(1, keepdim=True).values
-        best_col = (is_relevant & (s == best)).to(torch.uint8).argmax(1, keepdim=True)  # first = lowest index
-        rank = (s > best).sum(1) + ((s == best) & (columns[None, :] < best_col)).sum(1)
-        ranks[rows] = torch.where(is_relevant.any(1), rank, torch.tensor(-1, device=dev)).cpu().numpy()
-    return ranks
+    (-1 when the gallery holds none). Exact over the whole gallery."""
+    if gallery is None or gallery_labels is None:
+        raise InputError("first_relevant_rank needs a gallery and its labels")
+    ranks, _ = relevant_ranks(query, query_labels, gallery, gallery_labels, 1, metric, device, chunk_size, progress)
+    return ranks[:, 0] if ranks.shape[1] else np.full(len(ranks), -1, np.int64)
 
 
 def _recall_summary(ranks: np.ndarray, ks: Sequence[int], prefix: str) -> dict[str, float]:
@@ -428,9 +662,8 @@ def image_text_metrics(
         np.arange(len(image_emb)) if image_labels is None else _labels(image_labels, len(image_emb), "image_labels")
     )
     text_labels = image_labels[text_image_ids]
-    common = dict(metric=metric, device=device, progress=progress)
-    i2t = first_relevant_rank(image_emb, image_labels, text_emb, text_labels, **common)
-    t2i = first_relevant_rank(text_emb, text_labels, image_emb, image_labels, **common)
+    i2t = first_relevant_rank(image_emb, image_labels, text_emb, text_labels, metric, device, progress=progress)
+    t2i = first_relevant_rank(text_emb, text_labels, image_emb, image_labels, metric, device, progress=progress)
     out = {**_recall_summary(i2t, ks, "i2t"), **_recall_summary(t2i, ks, "t2i")}
     out["rsum"] = sum(out[f"{d}_R@{k}"] for d in ("i2t", "t2i") for k in ks)
     uncaptioned = int((i2t < 0).sum())
@@ -477,13 +710,13 @@ def format_table(results: dict[str, float] | list[dict[str, float]], names: Sequ
     for row in rows:
         keys += [key for key in row if key not in keys]
 
-    def cell(value) -> str:
+    def cell(value: Any) -> str:
         if isinstance(value, (bool, np.bool_)) or value is None:
             return str(value)
         if isinstance(value, (int, np.integer)):
             return str(int(value))
         if isinstance(value, (float, np.floating)):
-            return f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}"
+            return f"{value:.4f}" if abs(float(value)) < 10 else f"{value:.2f}"
         return str(value)
 
     header = ([""] if names is not None else []) + keys
