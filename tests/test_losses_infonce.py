@@ -9,7 +9,14 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 from pytorch_metric_learning.losses import NTXentLoss
 
-from metrank.losses import CrossModalLoss, InfoNCELoss, MultipleNegativesRankingLoss, NoValidTupleWarning, create_loss
+from metrank.losses import (
+    CrossModalLoss,
+    HardNegativeNCELoss,
+    InfoNCELoss,
+    MultipleNegativesRankingLoss,
+    NoValidTupleWarning,
+    create_loss,
+)
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -144,3 +151,47 @@ def test_bad_input():
         )
     with pytest.raises(ValueError, match="NaN"):
         CrossModalLoss(InfoNCELoss())(x, torch.full_like(x, float("nan")), torch.arange(5))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_hn_nce_at_beta_zero_is_infonce(seed):
+    img, txt = unit(10, 6, 40 + seed).requires_grad_(True), unit(10, 6, 50 + seed).requires_grad_(True)
+    ids = torch.tensor([0, 0, 1, 2, 3, 3, 4, 5, 6, 7])
+    hn = CrossModalLoss(HardNegativeNCELoss(alpha=1.0, beta=0.0)).double()
+    base = CrossModalLoss(InfoNCELoss()).double()
+    value, expected = hn(img, txt, ids), base(img, txt, ids)
+    assert value.item() == pytest.approx(expected.item(), rel=1e-12)
+    g_hn = torch.autograd.grad(value, (img, txt, hn.loss.logit_scale))
+    g_base = torch.autograd.grad(expected, (img, txt, base.loss.logit_scale))
+    for a, b in zip(g_hn, g_base):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("alpha, beta", [(1.0, 0.5), (0.0, 0.0), (0.0, 1.0), (0.5, 2.0)])
+def test_hn_nce_loop_reference(alpha, beta):
+    img, txt = unit(8, 5, 60), unit(8, 5, 61)
+    ids = torch.tensor([0, 1, 1, 2, 3, 4, 5, 6])
+    loss = HardNegativeNCELoss(alpha=alpha, beta=beta, temperature=0.2, learnable=False).double()
+    value = loss(img, ids, ref_emb=txt, ref_labels=ids.clone())
+    z = (loss.scale * img @ txt.T).tolist()  # scale = 1 / 0.2 (rounded in float32 like the parameter)
+    terms = []
+    for i in range(8):
+        negs = [j for j in range(8) if ids[j] != ids[i]]
+        weight_sum = sum(math.exp(beta * z[i][j]) for j in negs)
+        weighted = sum(len(negs) * math.exp(beta * z[i][j]) / weight_sum * math.exp(z[i][j]) for j in negs)
+        for p in (j for j in range(8) if ids[j] == ids[i]):
+            terms.append(-math.log(math.exp(z[i][p]) / (alpha * math.exp(z[i][p]) + weighted)))
+    assert value.item() == pytest.approx(sum(terms) / len(terms), rel=1e-12)
+
+
+def test_hn_nce_weights_harder_negatives_more():
+    img, txt = unit(12, 6, 70), unit(12, 6, 71)
+    ids = torch.arange(12)
+    values = [
+        HardNegativeNCELoss(beta=b, learnable=False).double()(img, ids, ref_emb=txt, ref_labels=ids.clone()).item()
+        for b in (0.0, 0.5, 1.0)
+    ]
+    assert values[0] < values[1] < values[2]  # reweighting towards the hardest raises the denominator
+    assert create_loss("hn_nce", beta=0.3).beta == 0.3
+    with pytest.raises(ValueError, match="alpha and beta"):
+        HardNegativeNCELoss(beta=-1)

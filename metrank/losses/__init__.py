@@ -17,8 +17,10 @@ from metrank.losses.contextual import ContextualLoss
 from metrank.losses.cprd import CPRDLoss, LogitDistillationLoss
 from metrank.losses.cross_modal import CrossModalLoss
 from metrank.losses.hard_negative import HardNegativeLoss, TripletAlignmentLoss
-from metrank.losses.infonce import InfoNCELoss, MultipleNegativesRankingLoss
+from metrank.losses.infonce import HardNegativeNCELoss, InfoNCELoss, MultipleNegativesRankingLoss
+from metrank.losses.memory import MemoryBankLoss, MemoryQueue
 from metrank.losses.quadruplet import CrossModalQuadrupletLoss, QuadrupletLoss
+from metrank.losses.sigmoid import SigLipLoss
 from metrank.losses.triplet import TripletMarginLoss
 
 
@@ -40,13 +42,17 @@ __all__ = [
     "CrossModalLoss",
     "CrossModalQuadrupletLoss",
     "HardNegativeLoss",
+    "HardNegativeNCELoss",
     "InfoNCELoss",
     "LogitDistillationLoss",
+    "MemoryBankLoss",
+    "MemoryQueue",
     "MultipleNegativesRankingLoss",
     "NoValidTupleWarning",
     "PairedLoss",
     "PairwiseLoss",
     "QuadrupletLoss",
+    "SigLipLoss",
     "TripletAlignmentLoss",
     "TripletMarginLoss",
     "create_loss",
