@@ -109,7 +109,7 @@ def memory_worker(rank, port, expected_queue, expected_steps):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
         queue = MemoryQueue(MEMORY)
-        for step, (image_x, text_x, ids) in enumerate(stream()):
+        for image_x, _, ids in stream():
             queue.push(x=image_x.chunk(WORLD)[rank], ids=ids.chunk(WORLD)[rank])
         for name, tensor in expected_queue.items():
             torch.testing.assert_close(queue[name], tensor, rtol=0, atol=0, msg=f"queue field {name}")
