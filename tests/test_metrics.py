@@ -7,7 +7,22 @@ import torch
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 from pytorch_metric_learning.utils.inference import FaissKNN
 
-from metrank.metrics import coco_1k_folds, first_relevant_rank, format_table, image_text_metrics, knn, retrieval_metrics
+import metrank.metrics as metrics
+from metrank.metrics import (
+    coco_1k_folds,
+    combine_rank_counts,
+    first_relevant_rank,
+    format_table,
+    image_text_metrics,
+    knn,
+    merge_relevant_items,
+    metrics_from_ranks,
+    ranks_from_counts,
+    relevant_ranks,
+    retrieval_metrics,
+    shard_rank_counts,
+    shard_relevant_items,
+)
 
 
 # ---- brute-force reference: full score matrix, np.lexsort ranking (score, then lower index) -------------------------
@@ -94,6 +109,114 @@ def test_identical_gallery_vectors_tie_despite_blas_rounding():
     only_copy_relevant = (np.arange(5003) != 5002).astype(np.int64)
     ranks = first_relevant_rank(query, np.zeros(4500, np.int64), gallery, only_copy_relevant)
     assert (ranks == 1).all()
+
+
+# ---- rank counting --------------------------------------------------------------------------------------------------
+def reference_ranks(query, labels, gallery=None, gallery_labels=None, metric="ip"):
+    """Brute force: 0-based positions of each query's relevant items in its lexsort order (a list per query)."""
+    leave_one_out = gallery is None
+    if leave_one_out:
+        gallery, gallery_labels = query, labels
+    _, orders = reference_ranking(query, gallery, metric, leave_one_out)
+    return [np.flatnonzero(gallery_labels[order] == labels[i]) for i, order in enumerate(orders)]
+
+
+def assert_ranks_equal(ranks, n_relevant, expected, limit=None):
+    for i, ref in enumerate(expected):
+        kept = ref if limit is None else ref[:limit]
+        assert n_relevant[i] == len(ref)
+        np.testing.assert_array_equal(ranks[i, : len(kept)], kept, err_msg=f"query {i}")
+        assert (ranks[i, len(kept) :] == -1).all()
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Tiny GEMM tiles, so that every test crosses many tile boundaries in both directions."""
+    monkeypatch.setattr(metrics, "TILE_COLUMNS", 23)
+    monkeypatch.setattr(metrics, "TILE_ROWS", 17)
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+@pytest.mark.parametrize("levels", [1, 3])  # 1: almost every score tied; 3: fewer ties
+def test_relevant_ranks_match_brute_force_with_ties_duplicates_and_singletons(small_tiles, metric, levels):
+    rng = np.random.default_rng(20 + levels)
+    x = quantised(rng, 160, 4, levels)
+    x[100:130] = x[:30]  # exact duplicates, some of them across labels
+    labels = rng.integers(0, 25, 160)
+    labels[:3] = [500, 501, 502]  # singletons: no relevant item in leave-one-out
+    ranks, n_relevant = relevant_ranks(x, labels, metric=metric, chunk_size=41)
+    assert_ranks_equal(ranks, n_relevant, reference_ranks(x, labels, metric=metric))
+    assert (n_relevant[:3] == 0).all() and (ranks[:3] == -1).all()
+    gallery, g_labels = x[:70], labels[:70]
+    ranks, n_relevant = relevant_ranks(x[70:], labels[70:], gallery, g_labels, limit=3, metric=metric)
+    assert_ranks_equal(ranks, n_relevant, reference_ranks(x[70:], labels[70:], gallery, g_labels, metric), limit=3)
+
+
+def test_ranks_have_no_k_cap_and_match_brute_force_deep_in_the_gallery():
+    # the only relevant item sits behind thousands of others: far past any top-k cut (FAISS GPU stops at 2048)
+    rng = np.random.default_rng(9)
+    gallery = rng.standard_normal((6000, 8)).astype(np.float32)
+    query = rng.standard_normal((5, 8)).astype(np.float32)
+    g_labels = np.ones(6000, np.int64)
+    scores = query.astype(np.float64) @ gallery.T.astype(np.float64)
+    deep = np.argsort(-scores, axis=1, kind="stable")[:, 4000]  # the item at rank 4000 of each query
+    g_labels[deep] = np.arange(5) + 10
+    ranks = first_relevant_rank(query, np.arange(5) + 10, gallery, g_labels)
+    np.testing.assert_array_equal(ranks, reference_first_rank(query, np.arange(5) + 10, gallery, g_labels))
+    assert (ranks == 4000).all()
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_shard_counts_add_up_to_the_single_process_ranks(small_tiles, metric):
+    rng = np.random.default_rng(10)
+    query, gallery = quantised(rng, 90, 5, 1), quantised(rng, 200, 5, 1)
+    gallery[150:170] = gallery[10:30]  # duplicates in another shard than their originals
+    q_labels, g_labels = rng.integers(0, 12, 90), rng.integers(0, 10, 200)
+    bounds = [0, 37, 38, 121, 200]  # uneven shards, one of a single row
+    shards = [(lo, gallery[lo:hi], g_labels[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    for limit in (None, 2):
+        parts = [
+            shard_relevant_items(query, q_labels, g, lab, offset=lo, metric=metric, limit=limit)
+            for lo, g, lab in shards
+        ]
+        relevant = merge_relevant_items(parts, limit=limit)
+        counts = combine_rank_counts(
+            [shard_rank_counts(query, relevant, g, offset=lo, metric=metric) for lo, g, _ in shards]
+        )
+        ranks = ranks_from_counts(relevant, counts)
+        single, n_relevant = relevant_ranks(query, q_labels, gallery, g_labels, limit=limit, metric=metric)
+        np.testing.assert_array_equal(ranks, single)
+        np.testing.assert_array_equal(relevant.n_relevant, n_relevant)
+        assert_ranks_equal(ranks, n_relevant, reference_ranks(query, q_labels, gallery, g_labels, metric), limit=limit)
+        if limit is None:  # the metrics from the combined counts: those of the brute-force reference
+            expected, _ = reference_retrieval(query, q_labels, gallery, g_labels, ks=(1, 4, 300))
+            with pytest.warns(UserWarning, match="no relevant gallery item"):
+                assert_same_metrics(metrics_from_ranks(ranks, relevant.n_relevant, (1, 4, 300)), expected)
+
+
+def test_shard_leave_one_out_uses_the_query_index():
+    rng = np.random.default_rng(11)
+    x, labels = quantised(rng, 60, 3, 1), rng.integers(0, 6, 60)
+    shards = [(0, x[:25], labels[:25]), (25, x[25:], labels[25:])]
+    own = np.arange(60)
+    relevant = merge_relevant_items([shard_relevant_items(x, labels, g, lab, lo, own) for lo, g, lab in shards])
+    counts = combine_rank_counts([shard_rank_counts(x, relevant, g, lo, own) for lo, g, _ in shards])
+    single, _ = relevant_ranks(x, labels)
+    np.testing.assert_array_equal(ranks_from_counts(relevant, counts), single)
+
+
+def test_rank_count_parts_must_fit_together():
+    with pytest.raises(ValueError, match="different shapes"):
+        combine_rank_counts([np.zeros((3, 2), np.int64), np.zeros((3, 1), np.int64)])
+    x = np.eye(3, dtype=np.float32)
+    a = shard_relevant_items(x, np.arange(3), x, np.arange(3))
+    b = shard_relevant_items(x[:2], np.arange(2), x, np.arange(3))
+    with pytest.raises(ValueError, match="different numbers of queries"):
+        merge_relevant_items([a, b])
+    with pytest.raises(ValueError, match="relevant items are for 3 queries"):
+        shard_rank_counts(x[:2], a, x)
+    with pytest.raises(ValueError, match="dimension"):
+        shard_rank_counts(x, a, np.ones((4, 5), np.float32))
 
 
 # ---- class-label retrieval ------------------------------------------------------------------------------------------
