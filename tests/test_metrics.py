@@ -189,7 +189,7 @@ def test_shard_counts_add_up_to_the_single_process_ranks(small_tiles, metric):
         np.testing.assert_array_equal(relevant.n_relevant, n_relevant)
         assert_ranks_equal(ranks, n_relevant, reference_ranks(query, q_labels, gallery, g_labels, metric), limit=limit)
         if limit is None:  # the metrics from the combined counts: those of the brute-force reference
-            expected, _ = reference_retrieval(query, q_labels, gallery, g_labels, ks=(1, 4, 300))
+            expected, _ = reference_retrieval(query, q_labels, gallery, g_labels, ks=(1, 4, 300), metric=metric)
             with pytest.warns(UserWarning, match="no relevant gallery item"):
                 assert_same_metrics(metrics_from_ranks(ranks, relevant.n_relevant, (1, 4, 300)), expected)
 
