@@ -90,6 +90,7 @@ def test_nan_metadata_and_huge_vectors_are_refused(retriever):
     assert len(hits) == 5 and all(h.metadata["c"] == 1 for h in hits)
 
 
+@pytest.mark.slow
 def test_decompression_bomb_is_an_input_error(tmp_path):
     from metrank.encoders import create_model
     from metrank.images import ImageLoadError
@@ -189,6 +190,7 @@ class _Evil:
         return (os.system, ("echo pwned > /dev/null",))
 
 
+@pytest.mark.slow
 def test_malicious_checkpoint_is_refused_clearly(tmp_path):
     evil = tmp_path / "evil.pt"
     torch.save({"format": "metrank.encoder.v1", "config": _Evil(), "state_dict": {}}, evil)
@@ -253,3 +255,17 @@ def test_cli_port_and_size_options_are_checked(tmp_path, retriever):
         args = parser.parse_args(["serve", str(tmp_path), *argv])
         with pytest.raises(MetrankError, match=words):
             args.func(args)
+
+
+def test_http_more_hostile_bodies_are_4xx(service):
+    url, r = service
+    q = [0.1] * DIM
+    many = requests.post(f"{url}/search", json={"vector": q, "k": 3, "filter": {"c": list(range(40_000))}})
+    assert many.status_code == 200 and len(many.json()["hits"]) == 3  # large IN lists are fine
+    deep = "[" * 50_000 + "]" * 50_000
+    body = '{"vectors": [[' + ",".join(["0.1"] * DIM) + ']], "metadata": [{"x": ' + deep + "}]}"
+    _bad(requests.post(f"{url}/items", data=body, headers={"Content-Type": "application/json"}))
+    _bad(requests.post(f"{url}/search", data='{"filter": ' + deep + "}", headers={"Content-Type": "application/json"}))
+    _bad(requests.post(f"{url}/items", json={"vectors": [q[:3], q]}))  # ragged
+    _bad(requests.post(f"{url}/items", json={"vectors": [q], "metadata": [{"x": [[[1]]]}] * 2}))
+    assert requests.get(f"{url}/health").json()["items"] == len(r) == 40

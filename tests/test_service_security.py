@@ -119,3 +119,16 @@ def test_page_headers_and_offline_docs(service):
     assert requests.get(f"{url}/docs").status_code == 404  # Swagger UI would load from a CDN: disabled
     assert "/search" in requests.get(f"{url}/openapi.json").json()["paths"]
     assert "cdn" not in page.text.lower()
+
+
+class _Buggy(Retriever):
+    def stats(self):
+        return {}["missing"]  # a programming error, not a user error
+
+
+def test_programming_errors_are_500_not_404():
+    buggy = _Buggy.create(dim=DIM)
+    with BackgroundServer(create_app(buggy)) as url:
+        response = requests.get(f"{url}/stats")
+        assert response.status_code == 500 and "Traceback" not in response.text
+        assert requests.get(f"{url}/items/5").status_code == 404  # a real unknown id stays a 404
