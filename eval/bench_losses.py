@@ -8,7 +8,8 @@ size added during one forward+backward (Linux ``VmHWM`` after resetting it throu
 glibc told to serve every allocation above 64 KiB by mmap so freed tensors go back to the OS between measurements.
 PML baselines whose own B³ or (pairs × negative pairs) buffers would exceed ``--max-pml-gib`` are reported as
 skipped with the projected size. Unimodal losses use B/4 classes × 4 samples; cross-modal ones a paired image/text
-batch with ids = arange(B).
+batch with ids = arange(B). SigLIP's alternative is open_clip's ``SigLipLoss`` (same value); the XBM row runs
+batch-hard triplets against a full 4·B-row memory, its alternative PML's ``CrossBatchMemory`` of the same size.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from open_clip.loss import SigLipLoss as OpenClipSigLipLoss
 from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning import miners as pml_miners
 
@@ -29,9 +31,12 @@ from metrank.losses import (
     CrossModalLoss,
     CrossModalQuadrupletLoss,
     HardNegativeLoss,
+    HardNegativeNCELoss,
     InfoNCELoss,
+    MemoryBankLoss,
     MultipleNegativesRankingLoss,
     QuadrupletLoss,
+    SigLipLoss,
     TripletAlignmentLoss,
     TripletMarginLoss,
 )
@@ -90,6 +95,15 @@ def cases(b: int, d: int) -> list[tuple[str, Step, Step | None, float, list[torc
         CrossModalLoss(TripletAlignmentLoss()),
     )
     quad, cdmlmr = QuadrupletLoss(), CrossModalQuadrupletLoss()
+    siglip, open_clip_siglip = SigLipLoss(), OpenClipSigLipLoss()
+    hn_nce = CrossModalLoss(HardNegativeNCELoss())
+    xbm = MemoryBankLoss(TripletMarginLoss(0.2, miner="batch_hard"), memory_size=4 * b)
+    pml_xbm = pml_losses.CrossBatchMemory(
+        pml_losses.TripletMarginLoss(margin=0.2), d, memory_size=4 * b, miner=pml_miners.BatchHardMiner()
+    )
+    for _ in range(4):  # fill both memories
+        xbm(x.detach(), labels)
+        pml_xbm(x.detach(), labels)
     cdmlmr_labels = torch.where(torch.arange(b) % 2 == 0, torch.arange(b) % (b // 4), -1)
     return [
         (
@@ -113,6 +127,15 @@ def cases(b: int, d: int) -> list[tuple[str, Step, Step | None, float, list[torc
         ("tal (img<->txt)", lambda: tal(image, text, ids), None, 0.0, [image, text]),
         ("quadruplet", lambda: quad(x, labels), None, 0.0, [x]),
         ("cdmlmr (img<->txt)", lambda: cdmlmr(image, text, cdmlmr_labels), None, 0.0, [image, text]),
+        (
+            "siglip (vs open_clip)",
+            lambda: siglip(image, text, ids),
+            lambda: open_clip_siglip(image, text, siglip.scale, siglip.logit_bias),
+            0.0,
+            [image, text],
+        ),
+        ("hn_nce (img<->txt)", lambda: hn_nce(image, text, ids), None, 0.0, [image, text]),
+        ("xbm triplet+batch_hard", lambda: xbm(x, labels), lambda: pml_xbm(x, labels), 0.0, [x]),
     ]
 
 
@@ -132,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(b < 8 or b % 4 for b in args.batch_sizes):
         raise ValueError("batch sizes must be multiples of 4 and >= 8 (4 samples per class)")
 
-    header = f"{'loss':<20} {'B':>5} {'ours ms':>9} {'PML ms':>9} {'time ratio':>10} {'ours MiB':>9} {'PML MiB':>9}"
+    header = f"{'loss':<24} {'B':>5} {'ours ms':>9} {'PML ms':>9} {'time ratio':>10} {'ours MiB':>9} {'PML MiB':>9}"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, d={args.dim}")
     print(header)
     print("-" * len(header))
@@ -148,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
                 t_pml, m_pml = measure(theirs, leaves, args.repeats)
                 pml_ms, pml_mib, ratio = f"{1e3 * t_pml:.1f}", f"{m_pml:.0f}", f"{t_ours / t_pml:.2f}"
             print(
-                f"{name:<20} {b:>5} {1e3 * t_ours:>9.1f} {pml_ms:>9} {ratio:>10} {m_ours:>9.0f} {pml_mib:>9}",
+                f"{name:<24} {b:>5} {1e3 * t_ours:>9.1f} {pml_ms:>9} {ratio:>10} {m_ours:>9.0f} {pml_mib:>9}",
                 flush=True,
             )
     print("time ratio = ours / PML (< 1: ours faster); MiB = peak RSS added by one forward+backward")
