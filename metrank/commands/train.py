@@ -40,12 +40,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def summary(result: TrainResult, task: str) -> str:
-    """Final held-out metrics, best epoch and where the model was written."""
+    """Test metrics of the selected model, the validation choice and where the model was written."""
     keys = [k for k in SUMMARY_KEYS[task] if k in result.metrics] or list(result.metrics)
     lines = [
-        f"held-out metrics after the last epoch ({'percent' if task == 'image_text' else 'fraction'}):",
+        f"test metrics of model_best.pt ({'percent' if task == 'image_text' else 'fraction'}):",
         format_table({k: result.metrics[k] for k in keys}),
-        f"best {result.best['metric']} = {result.best['value']} at epoch {result.best['epoch']}",
+        f"selected on the validation split: {result.best['metric']} = {result.best['value']} at epoch "
+        f"{result.best['epoch']}",
         f"wall time {result.wall_time_s:.1f} s; outputs in {result.out_dir}/ "
         "(model_best.pt, model_final.pt, metrics.jsonl/csv, curves.png, checkpoints/last.pt)",
     ]

@@ -21,7 +21,7 @@ import json
 import os
 
 from metrank.data.base import ImageTextDataset, find_existing
-from metrank.data.metric_sets import require_root
+from metrank.data.root import require_root
 from metrank.data.splits import check_split
 from metrank.errors import InputError, MissingFileError
 

@@ -23,8 +23,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from metrank.data.base import ImageLabelDataset, find_existing, remap_labels
+from metrank.data.root import require_root
 from metrank.data.splits import check_split
-from metrank.errors import InputError, MissingFileError
+from metrank.errors import InputError
 
 
 def _read_rows(path: str, skip: int = 0) -> list[list[str]]:
@@ -118,16 +119,3 @@ def load_inshop(root: str | None = None, split: str = "train", **kw) -> ImageLab
     return ImageLabelDataset(
         [(p, test_index[item]) for p, item in chosen], class_names=test_items, name=f"inshop-{split}", **kw
     )
-
-
-def require_root(name: str, root: str | None) -> str:
-    """``root`` (default ``$METRANK_DATA/<name>``), or ``FileNotFoundError`` saying how to get the data."""
-    from metrank.data.root import data_root
-
-    path = root or str(data_root() / name)
-    if not os.path.isdir(path):
-        raise MissingFileError(
-            f"{name} not found at {path!r}; `metrank data fetch {name}` prints where to "
-            "download it and which layout to unpack there"
-        )
-    return path

@@ -1,6 +1,8 @@
 """Checkpoints of ``RetrievalModel``: ``{"config", "state_dict", "extra"}`` written atomically, read back with
 ``torch.load(weights_only=True)`` and rebuilt offline from ``config`` (no pretrained weights are fetched: every
-weight, the pretrained backbones included, comes from the checkpoint)."""
+weight, the pretrained backbones included, comes from the checkpoint). LoRA adapters recorded in
+``config["tuning"]`` (see :mod:`metrank.encoders.tuning`) are injected before the weights load: a LoRA-trained model
+is stored with its adapters, unmerged."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import torch
 from metrank.atomic import atomic_torch_save, load_torch_file
 from metrank.encoders.factory import create_model
 from metrank.encoders.model import RetrievalModel
+from metrank.encoders.tuning import apply_tuning
 from metrank.errors import StateError
 
 FORMAT = "metrank.encoder.v1"
@@ -64,6 +67,8 @@ def load_checkpoint(
     payload = read_checkpoint(path, map_location)
     config = payload["config"]
     model = create_model(config["name"], pretrained=False, **config["kwargs"])
+    if config.get("tuning"):
+        apply_tuning(model, config["tuning"])
     model.load_state_dict(payload["state_dict"])
     model.eval()
     return (model, payload["extra"]) if with_extra else model

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Iterator
@@ -52,17 +53,29 @@ def register_open_clip_config(prefix: str, model_cfg: dict[str, Any]) -> str:
     return name
 
 
+class _OpenClipInitFilter(logging.Filter):
+    """Drops open_clip's "initialized randomly / partially" warnings: metrank loads the weights itself afterwards
+    (packaged Lite0 weights, or every weight from a checkpoint), so they would only alarm the user."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("Model initialized randomly" in message or message.endswith("initialized partially."))
+
+
 @contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """Silence transformers' load report and progress bar inside the block, then restore them."""
+def quiet_loading() -> Iterator[None]:
+    """Silence transformers' load report and progress bar and open_clip's init warnings inside the block."""
     from transformers.utils import logging as hf_logging
 
     level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    quiet = _OpenClipInitFilter()
+    logging.getLogger().addFilter(quiet)
     try:
         yield
     finally:
+        logging.getLogger().removeFilter(quiet)
         hf_logging.set_verbosity(level)
         if bars:
             hf_logging.enable_progress_bar()
@@ -162,9 +175,10 @@ def build_open_clip_model(
         if not Path(source).is_file():
             raise MissingFileError(f"open_clip checkpoint {source!r} does not exist")
     try:
-        clip = open_clip.create_model(
-            arch, pretrained=source, force_custom_text=True, force_image_size=image_size, pretrained_text=False
-        )
+        with quiet_loading():  # without a source the weights come from load_checkpoint (or are random on purpose)
+            clip = open_clip.create_model(
+                arch, pretrained=source, force_custom_text=True, force_image_size=image_size, pretrained_text=False
+            )
     except RuntimeError as err:
         raise InputError(
             f"cannot load open_clip/{arch} weights {source!r} ({err}); offline, pass a local "
@@ -234,7 +248,7 @@ def build_lite0_minilm(
     name = register_open_clip_config(
         "metrank-lite0-minilm", lite0_minilm_config(embed_dim, image_size, context_length, bool(pretrained))
     )
-    with quiet_transformers():  # MiniLM's unused BERT pooler weights are expected, not worth a report
+    with quiet_loading():  # MiniLM's unused BERT pooler weights are expected; Lite0's weights are loaded below
         clip = open_clip.create_model(name, pretrained=None, pretrained_text=bool(pretrained))
     if pretrained:
         load_lite0_imagenet_weights(clip.visual.trunk)

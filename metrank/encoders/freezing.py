@@ -32,8 +32,3 @@ def freeze_timm_trunk(trunk: nn.Module, unfreeze_last: int = 0, freeze_bn: bool 
     frozen_ids = sorted(groups)[: len(groups) - unfreeze_last]
     frozen = [name for group_id in frozen_ids for name in groups[group_id]]
     freeze(trunk, submodules=frozen, include_bn_running_stats=freeze_bn)
-
-
-def count_trainable(module: nn.Module) -> int:
-    """Number of parameters of ``module`` that receive gradients."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)

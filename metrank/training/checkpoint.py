@@ -59,6 +59,7 @@ def save_training_state(
     global_step: int,
     best: dict[str, Any],
     config: dict[str, Any],
+    ema: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write the full training state atomically.
 
@@ -79,6 +80,7 @@ def save_training_state(
             "global_step": global_step,
             "best": best,
             "config": config,
+            "ema": ema,
         },
         path,
     )

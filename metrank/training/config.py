@@ -23,6 +23,22 @@ import yaml
 from metrank.errors import ConfigError, MissingFileError
 
 TASKS = ("image_text", "metric")
+MODES = ("heads", "last_n", "lora", "full")
+
+
+@dataclass
+class TowerConfig:
+    """How one tower trains (see metrank.encoders.tuning): ``heads`` = projection head only on cached backbone
+    features; ``last_n`` = the last ``blocks`` blocks + head (the frozen prefix's activations cached when the
+    transform is deterministic); ``lora`` = PEFT LoRA adapters on the backbone's ``lora_targets`` + head; ``full``."""
+
+    mode: str = "heads"
+    blocks: int = 0  # last_n: number of trailing backbone blocks that train
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: list[str] | None = None  # module-name suffixes; null = the tower's attention/MLP or conv layers
+    lr: float | None = None  # backbone learning rate of this tower; null = optim.backbone_lr
 
 
 @dataclass
@@ -30,6 +46,8 @@ class ModelConfig:
     name: str = "lite0-minilm"  # any metrank.encoders.create_model name
     pretrained: bool | str | None = True
     kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {embed_dim: 256}
+    image: TowerConfig = field(default_factory=TowerConfig)
+    text: TowerConfig = field(default_factory=TowerConfig)
 
 
 @dataclass
@@ -37,7 +55,11 @@ class DataConfig:
     dataset: str = "emoji"  # any metrank.data.create_dataset name
     root: str | None = None
     train_split: str = "train"
-    eval_split: str = "test"
+    eval_split: str = "test"  # touched only for the final numbers (of the best and the last model)
+    # fraction of the training identities held out as the validation split that picks model_best.pt
+    # (class-disjoint, seeded by train.seed); 0 = no validation split, select on the last epoch
+    val_fraction: float = 0.1
+    augment: bool = False  # train transform: random resized crop + colour jitter (+ flip if the dataset allows)
     kwargs: dict[str, Any] = field(default_factory=dict)  # passed to create_dataset for both splits
     fetch: bool = True  # fetch the dataset through metrank.data when it is missing
     max_classes: int | None = None  # keep only the first N classes / identities of each split (small runs)
@@ -54,6 +76,21 @@ class LossConfig:
     # e.g. {margin: 0.2, warmup_steps: 200} for hard_negative: losses with a ``step()`` method (warm-up schedules)
     # are stepped once per optimizer step
     kwargs: dict[str, Any] = field(default_factory=dict)
+    teacher: TeacherConfig = field(default_factory=lambda: TeacherConfig())
+
+
+@dataclass
+class TeacherConfig:
+    """The cross-encoder teacher of ``cprd`` / ``logit_kd`` (metrank.losses.teachers.CrossAttentionTeacher on the
+    frozen pooled features of the two towers): loaded from ``checkpoint``, or trained first on the training split
+    with the image-text matching loss for ``epochs`` (and written to ``<output.dir>/teacher.pt``)."""
+
+    checkpoint: str | None = None
+    epochs: int = 5
+    lr: float = 1e-3
+    width: int = 256
+    depth: int = 2
+    batch_size: int = 64
 
 
 @dataclass
@@ -76,6 +113,8 @@ class OptimConfig:
     momentum: float = 0.9  # sgd only
     loss_lr: float | None = None  # learning rate of loss parameters (e.g. InfoNCE logit scale); null = lr
     loss_weight_decay: float = 0.0
+    backbone_lr: float | None = None  # learning rate of trained backbone weights (last_n/lora/full); null = lr / 10
+    backbone_weight_decay: float | None = None  # null = weight_decay
 
 
 @dataclass
@@ -102,6 +141,12 @@ class TrainLoopConfig:
     feature_batch_size: int = 64
     max_steps: int | None = None  # stop after this many optimizer steps (the schedule still spans all epochs)
     checkpoint_every: int | None = None  # also write the training state every N steps (mid-epoch resume)
+    # GradCache (Gao et al. 2021): embed the batch in chunks of this many rows without a graph, compute the loss on
+    # the whole batch, back-propagate chunk by chunk; the same gradient as the full batch in the memory of a chunk
+    grad_cache: int | None = None
+    accumulate: int = 1  # gradient accumulation: optimizer step every N batches (the loss of each batch / N)
+    checkpointing: bool = False  # activation (gradient) checkpointing in the trained backbones
+    ema: float | None = None  # exponential moving average of the trained weights (decay, e.g. 0.999); evaluated
 
 
 @dataclass
@@ -250,6 +295,20 @@ def config_from_dict(values: dict[str, Any]) -> TrainConfig:
         raise ConfigError(f"unknown optimizer {cfg.optim.name!r}; valid names: adamw, sgd")
     if cfg.schedule.name not in ("cosine", "constant"):
         raise ConfigError(f"unknown schedule {cfg.schedule.name!r}; valid names: constant, cosine")
+    for tower in ("image", "text"):
+        spec = getattr(cfg.model, tower)
+        if spec.mode not in MODES:
+            raise ConfigError(f"model.{tower}.mode must be one of {', '.join(MODES)}, got {spec.mode!r}")
+        if spec.mode == "last_n" and spec.blocks < 1:
+            raise ConfigError(f"model.{tower}.mode=last_n needs model.{tower}.blocks >= 1, got {spec.blocks}")
+    if not 0.0 <= cfg.data.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
+    if cfg.train.grad_cache is not None and cfg.train.grad_cache < 1:
+        raise ConfigError(f"train.grad_cache must be >= 1 rows per chunk or null, got {cfg.train.grad_cache}")
+    if cfg.train.accumulate < 1:
+        raise ConfigError(f"train.accumulate must be >= 1, got {cfg.train.accumulate}")
+    if cfg.train.ema is not None and not 0.0 < cfg.train.ema < 1.0:
+        raise ConfigError(f"train.ema must be in (0, 1) or null, got {cfg.train.ema}")
     if cfg.train.amp_dtype not in ("bfloat16", "float16"):
         raise ConfigError(f"train.amp_dtype must be bfloat16 or float16, got {cfg.train.amp_dtype!r}")
     for key, value in (

@@ -11,13 +11,14 @@ import inspect
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from PIL import Image
 
 from metrank import distributed
+from metrank.data.base import ImageTextDataset
 from metrank.errors import InputError
 from metrank.training.config import TrainConfig
 from metrank.training.feature_cache import (
@@ -95,33 +96,105 @@ def subset_mask(labels: np.ndarray, max_classes: int | None, max_per_class: int 
     return keep
 
 
-def _load_image(dataset: Any, index: int) -> Image.Image:
-    if hasattr(dataset, "load_image"):
-        return dataset.load_image(index)
-    with Image.open(dataset.images[index]) as im:
-        return im.convert("RGB")
+@dataclass
+class Selection:
+    """The rows of one split that training uses: ``image_index`` into the dataset's images, the identity of each
+    (``image_ids``; class labels for ``task=metric``) and, for image-text data, the kept captions with the selected
+    image each describes (``caption_image``, an index into ``image_index``)."""
+
+    name: str  # "train", "val", "test": names the feature caches
+    dataset: Any
+    image_index: np.ndarray
+    image_ids: np.ndarray
+    captions: list[str] | None = None
+    caption_image: np.ndarray | None = None
+
+    @property
+    def caption_ids(self) -> np.ndarray:
+        return self.image_ids[self.caption_image]
+
+    def image_keys(self) -> list[Any]:
+        keys = self.dataset.images if isinstance(self.dataset, ImageTextDataset) else self.dataset.paths
+        return [keys[i] for i in self.image_index.tolist()]
+
+    def load_image(self, row: int) -> Image.Image:
+        return self.dataset.load_image(int(self.image_index[row]))
+
+    def subset(self, name: str, keep_ids: np.ndarray) -> Selection:
+        """The rows whose identity is in ``keep_ids``."""
+        images = np.flatnonzero(np.isin(self.image_ids, keep_ids))
+        if self.captions is None:
+            return Selection(name, self.dataset, self.image_index[images], self.image_ids[images])
+        new_index = np.full(len(self.image_index), -1, dtype=np.int64)
+        new_index[images] = np.arange(len(images))
+        captions = np.flatnonzero(new_index[self.caption_image] >= 0)
+        return Selection(
+            name,
+            self.dataset,
+            self.image_index[images],
+            self.image_ids[images],
+            [self.captions[c] for c in captions],
+            new_index[self.caption_image[captions]],
+        )
+
+
+def select_rows(cfg: TrainConfig, dataset: Any, name: str) -> Selection:
+    """The rows of ``dataset`` kept by ``data.max_classes``/``max_per_class`` (identities per ``data.pair_ids``)."""
+    if isinstance(dataset, ImageTextDataset):
+        image_ids = (
+            np.asarray(dataset.image_labels, dtype=np.int64)
+            if cfg.data.pair_ids == "labels"
+            else np.arange(len(dataset.images), dtype=np.int64)
+        )
+    else:
+        image_ids = np.asarray(dataset.labels, dtype=np.int64)
+    keep = np.flatnonzero(subset_mask(image_ids, cfg.data.max_classes, cfg.data.max_per_class))
+    if not isinstance(dataset, ImageTextDataset):
+        return Selection(name, dataset, keep, image_ids[keep])
+    new_index = np.full(len(image_ids), -1, dtype=np.int64)
+    new_index[keep] = np.arange(len(keep))
+    caption_image = np.asarray(dataset.caption_image, dtype=np.int64)
+    captions = np.flatnonzero(new_index[caption_image] >= 0)
+    if len(captions) == 0:
+        raise InputError(f"the {name!r} split of {cfg.data.dataset!r} has no captions for the selected images")
+    return Selection(
+        name,
+        dataset,
+        keep,
+        image_ids[keep],
+        [dataset.captions[c] for c in captions],
+        new_index[caption_image[captions]],
+    )
+
+
+def carve_validation(train: Selection, fraction: float, seed: int) -> tuple[Selection, Selection | None]:
+    """Split the training rows by identity into (train, validation): a seeded ``fraction`` of the identities (at least
+    one) becomes the validation split that picks the best model, so the test split is touched only at the end."""
+    if fraction == 0.0:
+        return train, None
+    identities = np.unique(train.image_ids)
+    n_val = max(1, int(round(fraction * len(identities))))
+    if len(identities) - n_val < 2:
+        raise InputError(
+            f"data.val_fraction={fraction} leaves {len(identities) - n_val} training identities of "
+            f"{len(identities)}; lower it, use more data, or set data.val_fraction=0"
+        )
+    val_ids = np.random.default_rng(seed).permutation(identities)[:n_val]
+    return train.subset("train", np.setdiff1d(identities, val_ids)), train.subset("val", val_ids)
 
 
 def _content_hash(values: Sequence[Any]) -> str:
     return hashlib.sha1(json.dumps([str(v) for v in values]).encode()).hexdigest()
 
 
-def _image_keys(dataset: Any, indices: np.ndarray) -> list[Any]:
-    if hasattr(dataset, "images"):
-        return [dataset.images[i] for i in indices.tolist()]
-    return [dataset.items[i][0] for i in indices.tolist()]
-
-
-def cached_image_features(
-    model: Any, dataset: Any, indices: np.ndarray, cfg: TrainConfig, split: str, device: torch.device
-) -> torch.Tensor:
-    """``model.image_features`` of images ``indices`` of ``dataset``, from the cache or computed once."""
+def cached_image_features(model: Any, sel: Selection, cfg: TrainConfig, device: torch.device) -> torch.Tensor:
+    """``model.image_features`` of the selected images, from the cache or computed once."""
     description = {
         "dataset": cfg.data.dataset,
         "root": cfg.data.root,
-        "split": split,
+        "split": sel.name,
         "kwargs": cfg.data.kwargs,
-        "images": _content_hash(_image_keys(dataset, indices)),
+        "images": _content_hash(sel.image_keys()),
     }
     key = feature_cache_key(image_fingerprint(model), description)
 
@@ -129,61 +202,51 @@ def cached_image_features(
         return {
             "image": compute_image_features(
                 model,
-                lambda i: _load_image(dataset, int(indices[i])),
-                len(indices),
+                sel.load_image,
+                len(sel.image_index),
                 cfg.train.feature_batch_size,
                 device,
-                desc=f"{split} image features",
+                desc=f"{sel.name} image features",
             )
         }
 
-    return cached(cfg.output.cache_dir, f"{cfg.data.dataset}-{split}-images", key, compute)["image"]
+    return cached(cfg.output.cache_dir, f"{cfg.data.dataset}-{sel.name}-images", key, compute)["image"]
 
 
-def cached_text_features(
-    model: Any, captions: list[str], cfg: TrainConfig, split: str, device: torch.device
-) -> torch.Tensor:
-    """``model.text_features`` of ``captions``, from the cache or computed once."""
-    description = {"dataset": cfg.data.dataset, "split": split, "captions": _content_hash(captions)}
+def cached_text_features(model: Any, sel: Selection, cfg: TrainConfig, device: torch.device) -> torch.Tensor:
+    """``model.text_features`` of the selected captions, from the cache or computed once."""
+    captions = sel.captions or []
+    description = {"dataset": cfg.data.dataset, "split": sel.name, "captions": _content_hash(captions)}
     key = feature_cache_key(text_fingerprint(model), description)
 
     def compute() -> dict[str, torch.Tensor]:
         return {
             "text": compute_text_features(
-                model, captions, 4 * cfg.train.feature_batch_size, device, desc=f"{split} text features"
+                model, captions, 4 * cfg.train.feature_batch_size, device, desc=f"{sel.name} text features"
             )
         }
 
-    return cached(cfg.output.cache_dir, f"{cfg.data.dataset}-{split}-texts", key, compute)["text"]
+    return cached(cfg.output.cache_dir, f"{cfg.data.dataset}-{sel.name}-texts", key, compute)["text"]
+
+
+def features(model: Any, sel: Selection, cfg: TrainConfig, device: torch.device) -> PairFeatures | LabelFeatures:
+    """Frozen backbone features of a selection: :class:`PairFeatures` (image-text) or :class:`LabelFeatures`."""
+    image = cached_image_features(model, sel, cfg, device)
+    if sel.captions is None:
+        return LabelFeatures(image=image, labels=torch.from_numpy(sel.image_ids))
+    return PairFeatures(
+        image=image,
+        text=cached_text_features(model, sel, cfg, device),
+        caption_image=torch.from_numpy(sel.caption_image),
+        image_ids=torch.from_numpy(sel.image_ids),
+    )
 
 
 def pair_features(model: Any, dataset: Any, cfg: TrainConfig, split: str, device: torch.device) -> PairFeatures:
     """Backbone features of an ``ImageTextDataset`` split (restricted by ``data.max_classes``/``max_per_class``)."""
-    image_ids = (
-        np.asarray(dataset.image_labels, dtype=np.int64)
-        if cfg.data.pair_ids == "labels"
-        else np.arange(len(dataset.images), dtype=np.int64)
-    )
-    caption_image = np.asarray(dataset.caption_image, dtype=np.int64)
-    keep_images = np.flatnonzero(subset_mask(image_ids, cfg.data.max_classes, cfg.data.max_per_class))
-    new_index = np.full(len(image_ids), -1, dtype=np.int64)
-    new_index[keep_images] = np.arange(len(keep_images))
-    keep_captions = np.flatnonzero(new_index[caption_image] >= 0)
-    if len(keep_captions) == 0:
-        raise InputError(f"the {split!r} split of {cfg.data.dataset!r} has no captions for the selected images")
-    captions = [dataset.captions[c] for c in keep_captions]
-    return PairFeatures(
-        image=cached_image_features(model, dataset, keep_images, cfg, split, device),
-        text=cached_text_features(model, captions, cfg, split, device),
-        caption_image=torch.from_numpy(new_index[caption_image[keep_captions]]),
-        image_ids=torch.from_numpy(image_ids[keep_images]),
-    )
+    return cast(PairFeatures, features(model, select_rows(cfg, dataset, split), cfg, device))
 
 
 def label_features(model: Any, dataset: Any, cfg: TrainConfig, split: str, device: torch.device) -> LabelFeatures:
     """Backbone features of an ``ImageLabelDataset`` split (restricted by ``data.max_classes``/``max_per_class``)."""
-    labels = np.asarray(dataset.labels, dtype=np.int64)
-    keep = np.flatnonzero(subset_mask(labels, cfg.data.max_classes, cfg.data.max_per_class))
-    return LabelFeatures(
-        image=cached_image_features(model, dataset, keep, cfg, split, device), labels=torch.from_numpy(labels[keep])
-    )
+    return cast(LabelFeatures, features(model, select_rows(cfg, dataset, split), cfg, device))

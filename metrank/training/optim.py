@@ -1,4 +1,4 @@
-"""Optimizer (adamw | sgd) with a separate parameter group for loss parameters, and the learning-rate schedule."""
+"""Optimizer (adamw | sgd) with parameter groups (heads, trained backbone parts, loss parameters) and the schedule."""
 
 from __future__ import annotations
 
@@ -12,11 +12,18 @@ from metrank.training.config import OptimConfig, ScheduleConfig
 
 
 def build_optimizer(
-    cfg: OptimConfig, head_params: Sequence[torch.nn.Parameter], loss_params: Sequence[torch.nn.Parameter]
+    cfg: OptimConfig,
+    head_params: Sequence[torch.nn.Parameter],
+    loss_params: Sequence[torch.nn.Parameter],
+    backbone_groups: Sequence[tuple[Sequence[torch.nn.Parameter], float]] = (),
 ) -> torch.optim.Optimizer:
-    """Heads use ``lr``/``weight_decay``; loss parameters (e.g. a learnable logit scale) use ``loss_lr`` (default
-    ``lr``) and ``loss_weight_decay`` (default 0: decaying a temperature towards 0 is never wanted)."""
+    """Heads use ``lr``/``weight_decay``; each ``(params, lr)`` of ``backbone_groups`` (a tower's trained backbone
+    part) its own learning rate and ``backbone_weight_decay`` (default ``weight_decay``); loss parameters (e.g. a
+    learnable logit scale) use ``loss_lr`` (default ``lr``) and ``loss_weight_decay`` (default 0: decaying a
+    temperature towards 0 is never wanted)."""
     groups = [{"params": list(head_params), "weight_decay": cfg.weight_decay, "lr": cfg.lr}]
+    decay = cfg.backbone_weight_decay if cfg.backbone_weight_decay is not None else cfg.weight_decay
+    groups += [{"params": list(params), "weight_decay": decay, "lr": lr} for params, lr in backbone_groups]
     if loss_params:
         groups.append(
             {

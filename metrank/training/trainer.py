@@ -1,16 +1,19 @@
-"""The training loop: frozen towers, cached backbone features, trained projection heads.
+"""The training loop: one loop for every tower mode (heads / last_n / lora / full) and every loss.
 
-One loop serves both tasks (``image_text``: paired image/caption features and a ``CrossModalLoss``; ``metric``:
-class-labelled image features, a miner and a PML-style loss). Per step: a batch of indices from the batch sampler,
-the loss on the heads' L2-normalised embeddings (autocast when ``train.amp``), backward, optional gradient
-clipping, optimizer and learning-rate schedule step. Per epoch: Recall@K on the held-out split through
-``metrank.metrics``, one log record (JSONL/CSV/TensorBoard/PNG) and the training state (``checkpoints/last.pt``).
-At the end, the best and final models are written with ``metrank.encoders.save_checkpoint`` (``model_best.pt``,
-``model_final.pt``) so ``metrank.encoders.load_checkpoint`` and the search API load them.
+One loop serves both tasks (``image_text``: paired image/caption rows and a paired loss, pairwise losses wrapped in
+``CrossModalLoss``; ``metric``: class-labelled images, a miner and a pairwise loss). What a tower trains on (cached
+features, a cached frozen prefix, raw images or tokens) is set per tower in the config (:mod:`metrank.training.towers`).
+Per step: a batch of row indices from the batch sampler, the loss on the L2-normalised embeddings (autocast when
+``train.amp``; chunked with GradCache when ``train.grad_cache``), backward, optional clipping, optimizer and schedule
+step every ``train.accumulate`` batches, optional EMA. Per epoch: Recall@K on the *validation* split (identities
+carved from the training split, ``data.val_fraction``), which picks ``model_best.pt``; the test split is evaluated
+once at the end, for the best and the last model. Files: one log record per epoch (JSONL/CSV/TensorBoard/PNG), the
+training state (``checkpoints/last.pt``), ``model_best.pt`` / ``model_final.pt`` written with
+``metrank.encoders.save_checkpoint`` (``load_checkpoint`` and the search API load them).
 
 Multi-process: launch with ``torchrun``; the process group is initialised from the environment (gloo on CPU,
-NCCL on CUDA), the heads+loss module is DDP-wrapped, samplers give each rank disjoint batches, losses gather the
-other ranks' embeddings (global negatives), and only rank 0 writes files.
+NCCL on CUDA), the train module is DDP-wrapped (with GradCache the gradients are all-reduced by hand), samplers give
+each rank disjoint batches, losses gather the other ranks' embeddings (global negatives), and only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import os
 import random
 import sys
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,13 +35,32 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from metrank import distributed
-from metrank.errors import InputError
+from metrank.encoders.tuning import (
+    apply_tuning,
+    lora_settings,
+    require_split,
+    tower_backbone,
+    trainable_parameter_names,
+)
+from metrank.errors import ConfigError, InputError
+from metrank.losses import CrossModalLoss, create_loss, is_paired
+from metrank.miners import create_miner
 from metrank.training.checkpoint import load_training_state, save_training_state, set_rng_state
-from metrank.training.config import TrainConfig, save_config
-from metrank.training.feature_sets import LabelFeatures, PairFeatures, label_features, open_dataset, pair_features
-from metrank.training.heads import HeadsAndLoss, find_head_parameters
+from metrank.training.config import TowerConfig, TrainConfig, save_config
+from metrank.training.feature_cache import cached, feature_cache_key, image_fingerprint, text_fingerprint
+from metrank.training.feature_sets import (
+    Selection,
+    cached_image_features,
+    cached_text_features,
+    carve_validation,
+    open_dataset,
+    select_rows,
+)
+from metrank.training.gradcache import grad_cache_backward
 from metrank.training.metrics_log import MetricsLog
 from metrank.training.optim import build_optimizer, build_scheduler
+from metrank.training.teacher import build_teacher
+from metrank.training.towers import EMA, ImageRows, Rows, TensorRows, Tower, TrainModule
 
 # Config keys that may change between an interrupted run and its resume without breaking exactness.
 RESUME_FREE_KEYS = (
@@ -50,16 +73,18 @@ RESUME_FREE_KEYS = (
     "output.",
     "eval.",
 )
+DISTILLATION_LOSSES = ("cprd", "logit_kd")
 
 
 @dataclass
 class TrainResult:
     out_dir: Path
-    metrics: dict[str, Any]  # last evaluation
-    best: dict[str, Any]  # {"metric", "value", "epoch"}
+    metrics: dict[str, Any]  # test metrics of the selected (best) model; validation metrics live in records
+    best: dict[str, Any]  # {"metric", "value", "epoch"} on the validation split
     records: list[dict[str, Any]] = field(default_factory=list)
     completed: bool = True  # False when stopped by train.max_steps
     wall_time_s: float = 0.0
+    test_final: dict[str, Any] = field(default_factory=dict)  # test metrics of the last model
 
 
 def init_distributed(device_kind: str) -> None:
@@ -87,19 +112,30 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_loss(cfg: TrainConfig) -> tuple:
-    """(loss, miner or None); image-text losses are wrapped in ``CrossModalLoss`` (both directions)."""
-    from metrank.losses import CrossModalLoss, create_loss
-
-    loss = create_loss(cfg.loss.name, **cfg.loss.kwargs)
-    if cfg.task == "image_text":
+def build_loss(cfg: TrainConfig, teacher: Any = None) -> tuple:
+    """(loss, miner or None). For ``image_text`` a pairwise loss (PML form) is wrapped in ``CrossModalLoss`` (both
+    directions); a paired loss is used as is. Distillation losses get ``teacher``."""
+    name = cfg.loss.name
+    kwargs: dict[str, Any] = dict(cfg.loss.kwargs)
+    if name in DISTILLATION_LOSSES:
+        if cfg.task != "image_text":
+            raise ConfigError(f"loss.name={name!r} distils an image-text cross-encoder; it needs task=image_text")
+        if teacher is None:
+            raise ConfigError(f"loss.name={name!r} needs a teacher (configured in loss.teacher)")
+        kwargs["teacher"] = teacher
+    loss = create_loss(name, **kwargs)
+    if is_paired(name):
+        if cfg.task != "image_text":
+            raise ConfigError(
+                f"loss.name={name!r} takes paired image-text batches; for task=metric use a pairwise loss "
+                "(e.g. infonce, triplet, contextual)"
+            )
+    elif cfg.task == "image_text":
         loss = CrossModalLoss(loss)
     miner = None
     if cfg.miner.name:
         if cfg.task == "image_text":
-            raise InputError("miner.name is only used by task=metric; image-text losses mine inside the batch")
-        from metrank.miners import create_miner
-
+            raise ConfigError("miner.name is only used by task=metric; image-text losses mine inside the batch")
         miner = create_miner(cfg.miner.name, **cfg.miner.kwargs)
     return loss, miner
 
@@ -109,7 +145,7 @@ def build_sampler(cfg: TrainConfig, labels: torch.Tensor, embed_train: Any) -> A
 
     The label argument is passed under the name the sampler takes (``labels`` or ``ids``); ``batch_size`` is added
     when the sampler takes one, and a P x K sampler given only ``k`` gets ``p = batch_size // k``; a sampler that
-    takes ``embeddings`` (hard batches) gets a callable embedding the training set with the current heads.
+    takes ``embeddings`` (hard batches) gets a callable embedding the training set with the current model.
     """
     from metrank.samplers import SAMPLERS, create_sampler
 
@@ -127,33 +163,53 @@ def build_sampler(cfg: TrainConfig, labels: torch.Tensor, embed_train: Any) -> A
 
 
 @torch.no_grad()
-def embed_features(embed: Any, feats: torch.Tensor, device: torch.device, chunk: int = 8192) -> torch.Tensor:
-    return torch.cat([embed(feats[i : i + chunk].to(device)).float().cpu() for i in range(0, len(feats), chunk)])
+def embed_rows(embed: Any, rows: Rows, device: torch.device, chunk: int) -> torch.Tensor:
+    """Embeddings of every row (eval mode is the caller's), in chunks, as float32 on the CPU."""
+    out = [
+        embed(rows.take(torch.arange(i, min(len(rows), i + chunk)), device)).float().cpu()
+        for i in range(0, len(rows), chunk)
+    ]
+    return torch.cat(out)
+
+
+@dataclass
+class SplitRows:
+    """A split as the towers see it: image rows, caption rows (image-text) and the ids/labels."""
+
+    sel: Selection
+    image: Rows
+    text: Rows | None
+
+    @property
+    def caption_image(self) -> torch.Tensor:
+        return torch.from_numpy(self.sel.caption_image)
+
+    @property
+    def image_ids(self) -> torch.Tensor:
+        return torch.from_numpy(self.sel.image_ids)
 
 
 @torch.no_grad()
-def evaluate(
-    heads: HeadsAndLoss, feats: PairFeatures | LabelFeatures, ks: list[int], device: torch.device
-) -> dict[str, float]:
-    """Recall@K (and the other metrics ``metrank.metrics`` reports) of the heads on a held-out feature set."""
+def evaluate(module: TrainModule, rows: SplitRows, ks: list[int], device: torch.device, chunk: int = 256) -> dict:
+    """Recall@K (and the other metrics ``metrank.metrics`` reports) of the trained towers on one split."""
     from metrank import metrics
 
-    was_training = heads.training
-    heads.eval()
-    image_emb = embed_features(heads.embed_images, feats.image, device).numpy()
-    if isinstance(feats, PairFeatures):
-        text_emb = embed_features(heads.embed_texts, feats.text, device).numpy()
+    was_training = module.training
+    module.eval()
+    image_emb = embed_rows(module.embed_images, rows.image, device, chunk).numpy()
+    if rows.text is not None:
+        text_emb = embed_rows(module.embed_texts, rows.text, device, chunk).numpy()
         result = metrics.image_text_metrics(
             image_emb,
             text_emb,
-            feats.caption_image.numpy(),
+            rows.sel.caption_image,
             ks=tuple(ks),
-            image_labels=feats.image_ids.numpy(),
+            image_labels=rows.sel.image_ids,
             progress=False,
         )
     else:
-        result = metrics.retrieval_metrics(image_emb, feats.labels.numpy(), ks=tuple(ks), progress=False)
-    heads.train(was_training)
+        result = metrics.retrieval_metrics(image_emb, rows.sel.image_ids, ks=tuple(ks), progress=False)
+    module.train(was_training)
     return {k: float(v) for k, v in result.items()}
 
 
@@ -182,6 +238,12 @@ def check_resume_config(saved: dict[str, Any], current: dict[str, Any]) -> None:
         )
 
 
+def _tower_lr(cfg: TrainConfig, spec: TowerConfig) -> float:
+    if spec.lr is not None:
+        return spec.lr
+    return cfg.optim.backbone_lr if cfg.optim.backbone_lr is not None else cfg.optim.lr / 10
+
+
 class Trainer:
     """Builds everything from a :class:`TrainConfig` and runs (or resumes) training. See the module docstring."""
 
@@ -192,40 +254,73 @@ class Trainer:
         self.is_main = distributed.rank() == 0
         self.out_dir = Path(cfg.output.dir)
         seed_everything(cfg.train.seed)
-        self.loss, self.miner = build_loss(cfg)  # fail fast on bad names
+        is_paired(cfg.loss.name)  # fail fast on a bad loss name
+        self._check_config()
 
         from metrank.encoders import create_model
 
         self.model = create_model(cfg.model.name, pretrained=cfg.model.pretrained, **cfg.model.kwargs)
-        if cfg.task == "image_text" and not getattr(self.model, "has_text", False):
+        self.has_text = cfg.task == "image_text"
+        if self.has_text and not getattr(self.model, "has_text", False):
             raise InputError(f"task=image_text needs a two-tower model with a text tower; {cfg.model.name!r} has none")
         self.model.to(self.device).eval()
-        make = pair_features if cfg.task == "image_text" else label_features
-        self.train_feats = make(
-            self.model, open_dataset(cfg, cfg.data.train_split), cfg, cfg.data.train_split, self.device
-        )
-        self.eval_feats = make(
-            self.model, open_dataset(cfg, cfg.data.eval_split), cfg, cfg.data.eval_split, self.device
-        )
+        self.specs = {"image": cfg.model.image, "text": cfg.model.text}
+        for tower in self.towers_used():
+            if self.specs[tower].mode == "last_n":
+                require_split(tower_backbone(self.model, tower), tower).check_blocks(self.specs[tower].blocks)
 
-        if cfg.train.threads is not None:  # for the head-training loop; feature extraction used the default
+        train_sel = select_rows(cfg, open_dataset(cfg, cfg.data.train_split), "train")
+        self.train_sel, self.val_sel = carve_validation(train_sel, cfg.data.val_fraction, cfg.train.seed)
+        self.test_sel = select_rows(cfg, open_dataset(cfg, cfg.data.eval_split), "test")
+        self.mirror = bool(getattr(self.train_sel.dataset, "mirror_invariant", False))
+        self.train_rows = self._rows(self.train_sel, train=True)
+        self.val_rows = self._rows(self.val_sel, train=False) if self.val_sel is not None else None
+        self.test_rows = self._rows(self.test_sel, train=False)
+
+        teacher = self._teacher() if cfg.loss.name in DISTILLATION_LOSSES else None
+        self.loss, self.miner = build_loss(cfg, teacher)
+        self._apply_lora()
+        if cfg.train.threads is not None:  # for the training loop; feature extraction used the default
             torch.set_num_threads(cfg.train.threads)
         torch.manual_seed(cfg.train.seed)  # same RNG state at step 1 whether the features were cached or computed
-        text_dim = self.train_feats.text.shape[1] if isinstance(self.train_feats, PairFeatures) else None
-        names = find_head_parameters(self.model, self.train_feats.image.shape[1], text_dim)
-        self.heads = HeadsAndLoss(self.model, names, self.loss, cfg.task, self.miner, cfg.train.feature_dropout)
-        self.heads.to(self.device)
-        self.module: torch.nn.Module = self.heads
-        if distributed.is_distributed():
-            self.module = torch.nn.parallel.DistributedDataParallel(
-                self.heads,
+        towers = {
+            tower: Tower(
+                self.model,
+                tower,
+                self.specs[tower].mode,
+                self.specs[tower].blocks,
+                cached_prefix=self._prefix_cached(tower),
+                feature_dropout=cfg.train.feature_dropout,
+                checkpointing=cfg.train.checkpointing,
+            )
+            for tower in self.towers_used()
+        }
+        trainable = [
+            name
+            for tower in self.towers_used()
+            for name in trainable_parameter_names(self.model, tower, self.specs[tower].mode, self.specs[tower].blocks)
+        ]
+        self.module = TrainModule(
+            self.model, towers["image"], towers.get("text"), self.loss, cfg.task, self.miner, trainable
+        )
+        self.module.to(self.device)
+        self.wrapped: torch.nn.Module = self.module
+        if distributed.is_distributed() and cfg.train.grad_cache is None:
+            self.wrapped = torch.nn.parallel.DistributedDataParallel(
+                self.module,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 broadcast_buffers=False,
             )
 
-        labels = self.train_feats.caption_ids if isinstance(self.train_feats, PairFeatures) else self.train_feats.labels
+        labels = (
+            torch.from_numpy(self.train_sel.caption_ids)
+            if self.has_text
+            else torch.from_numpy(self.train_sel.image_ids)
+        )
         self.sampler = build_sampler(
-            cfg, labels, lambda: embed_features(self.heads.embed_images, self.train_feats.image, self.device)
+            cfg,
+            labels,
+            lambda: embed_rows(self.module.embed_images, self.train_rows.image, self.device, 256),
         )
         self.sampler.set_epoch(1)
         self.steps_per_epoch = len(self.sampler)
@@ -234,8 +329,13 @@ class Trainer:
                 f"the sampler yields no batch from {len(labels)} training items; lower "
                 "train.batch_size (or sampler p/k) or use more data"
             )
-        self.total_steps = self.steps_per_epoch * cfg.train.epochs
-        self.optimizer = build_optimizer(cfg.optim, self.heads.head_parameters(), self.heads.loss_parameters())
+        acc = cfg.train.accumulate
+        self.total_steps = -(-self.steps_per_epoch // acc) * cfg.train.epochs
+        groups = self.module.model_parameters()
+        backbone_groups = [
+            (groups[tower], _tower_lr(cfg, self.specs[tower])) for tower in self.towers_used() if groups[tower]
+        ]
+        self.optimizer = build_optimizer(cfg.optim, groups["heads"], self.module.loss_parameters(), backbone_groups)
         self.scheduler = build_scheduler(cfg.schedule, self.optimizer, self.total_steps)
         amp_dtype = torch.bfloat16 if cfg.train.amp_dtype == "bfloat16" else torch.float16
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=amp_dtype)) if cfg.train.amp else nullcontext
@@ -244,7 +344,123 @@ class Trainer:
             if (cfg.train.amp and amp_dtype == torch.float16 and self.device.type == "cuda")
             else None
         )
+        self.ema = EMA(self.module, cfg.train.ema) if cfg.train.ema is not None else None
         self.select = cfg.eval.select or ("rsum" if cfg.task == "image_text" else "R@1")
+
+    # ---------------------------------------------------------------------------------------------- building
+    def _check_config(self) -> None:
+        cfg = self.cfg
+        if cfg.train.grad_cache is not None and all(getattr(cfg.model, t).mode == "heads" for t in ("image", "text")):
+            raise ConfigError(
+                "train.grad_cache chunks encoder forwards, but both towers train heads only on cached features "
+                "(nothing to chunk: such batches fit in memory); drop train.grad_cache or set model.<tower>.mode"
+            )
+        acc = cfg.train.accumulate
+        for key, value in (
+            ("train.max_steps", cfg.train.max_steps),
+            ("train.checkpoint_every", cfg.train.checkpoint_every),
+        ):
+            if value is not None and value % acc:
+                raise ConfigError(
+                    f"{key}={value} must be a multiple of train.accumulate={acc} (states are saved between optimizer steps)"
+                )
+
+    def towers_used(self) -> list[str]:
+        return ["image", "text"] if self.has_text else ["image"]
+
+    def _prefix_cached(self, tower: str) -> bool:
+        return self.specs[tower].mode == "last_n" and (tower == "text" or not self.cfg.data.augment)
+
+    def _image_transform(self, train: bool) -> Any:
+        from torchvision import transforms as T
+
+        if not (train and self.cfg.data.augment):
+            return self.model.image_transform
+        if self.mirror:
+            return T.Compose([T.RandomHorizontalFlip(), self.model.train_image_transform])
+        return self.model.train_image_transform
+
+    def _rows(self, sel: Selection, train: bool) -> SplitRows:
+        image = self._tower_rows("image", sel, train)
+        text = self._tower_rows("text", sel, train) if self.has_text else None
+        return SplitRows(sel, image, text)
+
+    def _tower_rows(self, tower: str, sel: Selection, train: bool) -> Rows:
+        cfg, spec = self.cfg, self.specs[tower]
+        if spec.mode == "heads":
+            if tower == "image":
+                return TensorRows(cached_image_features(self.model, sel, cfg, self.device))
+            return TensorRows(cached_text_features(self.model, sel, cfg, self.device))
+        if self._prefix_cached(tower):
+            return TensorRows(*self._cached_prefix(tower, sel))
+        if tower == "image":
+            return ImageRows(sel.load_image, len(sel.image_index), self._image_transform(train))
+        return TensorRows(self._tokens(sel.captions or []))
+
+    def _tokens(self, captions: list[str]) -> torch.Tensor:
+        return torch.cat([self.model.tokenize(captions[i : i + 1024]) for i in range(0, len(captions), 1024)])
+
+    def _cached_prefix(self, tower: str, sel: Selection) -> tuple[torch.Tensor, ...]:
+        """The frozen prefix's activations of every row (``model.<tower>.blocks`` trained blocks), cached on disk."""
+        cfg, k = self.cfg, self.specs[tower].blocks
+        split = require_split(tower_backbone(self.model, tower), tower)
+        chunk = cfg.train.feature_batch_size
+        if tower == "image":
+            fingerprint, n = image_fingerprint(self.model), len(sel.image_index)
+            keys: list[Any] = sel.image_keys()
+
+            def batch(i: int) -> torch.Tensor:
+                rows = range(i, min(n, i + chunk))
+                return torch.stack([self.model.image_transform(sel.load_image(r)) for r in rows])
+        else:
+            fingerprint, keys = text_fingerprint(self.model), list(sel.captions or [])
+            n = len(keys)
+
+            def batch(i: int) -> torch.Tensor:
+                return self.model.tokenize(keys[i : i + chunk])
+
+        key = feature_cache_key(
+            fingerprint, {"prefix_blocks": k, "dataset": cfg.data.dataset, "kwargs": cfg.data.kwargs, "rows": keys}
+        )
+
+        @torch.no_grad()
+        def compute() -> dict[str, torch.Tensor]:
+            parts = [
+                split.prefix(batch(i).to(self.device), k)
+                for i in tqdm(range(0, n, chunk), desc=f"{sel.name} {tower} prefix", disable=not self.is_main)
+            ]
+            return {str(j): torch.cat([p[j].cpu() for p in parts]) for j in range(len(parts[0]))}
+
+        state = cached(cfg.output.cache_dir, f"{cfg.data.dataset}-{sel.name}-{tower}-prefix{k}", key, compute)
+        return tuple(state[str(j)] for j in range(len(state)))
+
+    def _teacher(self) -> Any:
+        """The distillation teacher, on the frozen pooled features of the training pairs (:mod:`.teacher`)."""
+        cfg, sel = self.cfg, self.train_sel
+        image = cached_image_features(self.model, sel, cfg, self.device)
+        text = cached_text_features(self.model, sel, cfg, self.device)
+        self.teacher_image, self.teacher_text = image, text
+        caption_image = torch.from_numpy(sel.caption_image)
+        source = {
+            "image_dim": int(image.shape[1]),
+            "text_dim": int(text.shape[1]),
+            "image_backbone": image_fingerprint(self.model),
+            "text_backbone": text_fingerprint(self.model),
+        }
+        ids = torch.from_numpy(sel.caption_ids)
+        return build_teacher(
+            cfg.loss.teacher, image[caption_image], text, ids, source, self.out_dir, cfg.train.seed, self.device
+        )
+
+    def _apply_lora(self) -> None:
+        tuning = {
+            tower: {"lora": lora_settings(self.specs[tower], tower_backbone(self.model, tower))}
+            for tower in self.towers_used()
+            if self.specs[tower].mode == "lora"
+        }
+        if tuning:
+            apply_tuning(self.model, tuning)
+            self.model.to(self.device)
 
     # ------------------------------------------------------------------ state
     def _save_state(
@@ -253,7 +469,7 @@ class Trainer:
         if self.is_main:
             save_training_state(
                 self.out_dir / "checkpoints" / "last.pt",
-                trainable=self.heads.trainable_state(),
+                trainable=self.module.trainable_state(),
                 optimizer=self.optimizer,
                 scheduler=self.scheduler,
                 scaler=self.scaler,
@@ -262,40 +478,94 @@ class Trainer:
                 global_step=global_step,
                 best={**best, "loss_sum": loss_sum, "loss_count": loss_count},
                 config=self.cfg.to_dict(),
+                ema=self.ema.shadow if self.ema is not None else None,
             )
 
     def _export(self, name: str, state: dict[str, torch.Tensor] | None, **extra: Any) -> Path:
-        """Write the whole model (frozen backbone + heads in ``state``) with ``metrank.encoders.save_checkpoint``."""
+        """Write the whole model (frozen parts + trained ``state``) with ``metrank.encoders.save_checkpoint``."""
         from metrank.encoders import save_checkpoint
 
-        current = self.heads.trainable_state()
-        if state is not None:
-            self.heads.load_trainable_state(state)
-        path = self.out_dir / name
-        save_checkpoint(path, self.model, **extra)
-        self.heads.load_trainable_state(current)
+        with self._weights(state):
+            path = self.out_dir / name
+            save_checkpoint(path, self.model, **extra)
         return path
 
-    # ------------------------------------------------------------------ loop
-    def _batch(self, indices: list[int]) -> tuple:
-        idx = torch.as_tensor(indices, dtype=torch.long)
-        f = self.train_feats
-        if isinstance(f, PairFeatures):
-            images = f.caption_image[idx]
-            return (f.image[images].to(self.device), f.text[idx].to(self.device), f.image_ids[images].to(self.device))
-        return f.image[idx].to(self.device), f.labels[idx].to(self.device)
+    @contextmanager
+    def _weights(self, state: dict[str, torch.Tensor] | None) -> Iterator[None]:
+        """The module temporarily holds ``state`` (None = the current weights)."""
+        current = self.module.trainable_state()
+        if state is not None:
+            self.module.load_trainable_state(state)
+        try:
+            yield
+        finally:
+            self.module.load_trainable_state(current)
 
-    def _step(self, indices: list[int]) -> float:
+    def _eval_state(self) -> dict[str, torch.Tensor]:
+        """The weights that are evaluated and exported: the EMA average when enabled, else the current ones."""
+        return self.ema.state() if self.ema is not None else self.module.trainable_state()
+
+    # ------------------------------------------------------------------ loop
+    def _batch(self, indices: list[int]) -> tuple[Any, Any, torch.Tensor, dict[str, Any]]:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        rows, extra = self.train_rows, {}
+        if self.has_text:
+            assert rows.text is not None
+            images = rows.caption_image[idx]
+            if self.cfg.loss.name in DISTILLATION_LOSSES:
+                extra = {
+                    "images": self.teacher_image[images].to(self.device),
+                    "texts": self.teacher_text[idx].to(self.device),
+                }
+            return (
+                rows.image.take(images, self.device),
+                rows.text.take(idx, self.device),
+                rows.image_ids[images].to(self.device),
+                extra,
+            )
+        return rows.image.take(idx, self.device), rows.image_ids[idx].to(self.device), None, extra
+
+    def _backward(self, indices: list[int]) -> float:
+        """Forward + backward of one batch (``1 / train.accumulate`` of the loss); returns the loss."""
+        image_rows, other, ids, extra = self._batch(indices)
+        scale = 1.0 / self.cfg.train.accumulate
+        if self.cfg.train.grad_cache is not None:
+            with self.autocast():
+                loss = grad_cache_backward(
+                    self.module.embed_images,
+                    self.module.embed_texts if self.has_text else None,
+                    self.module.loss_of,
+                    image_rows,
+                    other,
+                    ids,
+                    self.cfg.train.grad_cache,
+                    self.device,
+                    scale=scale * (self.scaler.get_scale() if self.scaler is not None else 1.0),
+                    **extra,
+                )
+            if distributed.is_distributed():
+                for p in self.module.parameters():
+                    if p.grad is not None:
+                        dist.all_reduce(p.grad)
+                        p.grad /= distributed.world_size()
+            self._check_finite(loss)
+            return float(loss)
         with self.autocast():
-            loss = self.module(*self._batch(indices))
+            loss = self.wrapped(image_rows, other, ids, **extra)
+        self._check_finite(loss)
+        if self.scaler is not None:
+            self.scaler.scale(loss * scale).backward()
+        else:
+            (loss * scale).backward()
+        return float(loss.detach())
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
         if not torch.isfinite(loss):
             raise InputError(f"the loss became {loss.item()} (not finite); lower optim.lr or enable train.grad_clip")
-        self.optimizer.zero_grad(set_to_none=True)
+
+    def _optimizer_step(self) -> None:
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
-        else:
-            loss.backward()
         if self.cfg.train.grad_clip is not None:
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
             torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip)
@@ -304,13 +574,16 @@ class Trainer:
             self.scaler.update()
         else:
             self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         if hasattr(self.loss, "step"):  # loss schedules, e.g. the hard-negative warm-up
             self.loss.step()
-        return float(loss.detach())
+        if self.ema is not None:
+            self.ema.update()
 
-    def _evaluate(self) -> dict[str, float]:
-        return evaluate(self.heads, self.eval_feats, list(self.cfg.eval.ks), self.device)
+    def _evaluate(self, rows: SplitRows) -> dict[str, float]:
+        with self._weights(self._eval_state() if self.ema is not None else None):
+            return evaluate(self.module, rows, list(self.cfg.eval.ks), self.device, self.cfg.train.feature_batch_size)
 
     def fit(self, resume: bool | str | Path = False) -> TrainResult:
         cfg, start = self.cfg, time.perf_counter()
@@ -320,11 +593,13 @@ class Trainer:
         if resume:
             state = load_training_state(state_path(cfg, resume))
             check_resume_config(state["config"], cfg.to_dict())
-            self.heads.load_trainable_state(state["module"])
+            self.module.load_trainable_state(state["module"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             if self.scaler is not None and state["scaler"] is not None:
                 self.scaler.load_state_dict(state["scaler"])
+            if self.ema is not None:
+                self.ema.shadow = {k: v.clone() for k, v in state["ema"].items()}
             epoch, skip, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
             best = dict(state["best"])
             loss_sum, loss_count = float(best.pop("loss_sum")), int(best.pop("loss_count"))
@@ -341,9 +616,8 @@ class Trainer:
         )
         if self.is_main:
             save_config(cfg, self.out_dir / "config.yaml")
-        last_metrics: dict[str, float] = {}
-        if not resume and cfg.eval.at_start:
-            last_metrics = self._evaluate()
+        select_rows_ = self.val_rows
+        if not resume and cfg.eval.at_start and select_rows_ is not None:
             self._log(
                 log,
                 {
@@ -352,13 +626,15 @@ class Trainer:
                     "loss": None,
                     "lr": self.scheduler.get_last_lr()[0],
                     "time_s": 0.0,
-                    **last_metrics,
+                    **self._evaluate(select_rows_),
                 },
             )
         completed = True
+        acc = cfg.train.accumulate
+        self.optimizer.zero_grad(set_to_none=True)
         while epoch <= cfg.train.epochs:
             self.sampler.set_epoch(epoch)
-            self.heads.train()
+            self.module.train()
             bar = tqdm(
                 total=self.steps_per_epoch,
                 initial=skip,
@@ -367,10 +643,13 @@ class Trainer:
                 leave=False,
                 file=sys.stderr,
             )
+            epoch_start = time.perf_counter()
             for step_in_epoch, indices in enumerate(self.sampler):
                 if step_in_epoch < skip:
                     continue
-                loss = self._step(indices)
+                loss = self._backward(indices)
+                if (step_in_epoch + 1) % acc == 0 or step_in_epoch + 1 == self.steps_per_epoch:
+                    self._optimizer_step()
                 loss_sum, loss_count, global_step = loss_sum + loss, loss_count + 1, global_step + 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}")
@@ -390,39 +669,53 @@ class Trainer:
                 "loss": self._mean_loss(loss_sum, loss_count),
                 "lr": self.scheduler.get_last_lr()[0],
                 "time_s": round(time.perf_counter() - start, 3),
+                "epoch_s": round(time.perf_counter() - epoch_start, 3),
             }
-            if epoch % cfg.eval.every == 0 or epoch == cfg.train.epochs:
-                last_metrics = self._evaluate()
-                record.update(last_metrics)
-                value = last_metrics.get(self.select)
+            if select_rows_ is not None and (epoch % cfg.eval.every == 0 or epoch == cfg.train.epochs):
+                metrics_now = self._evaluate(select_rows_)
+                record.update(metrics_now)
+                value = metrics_now.get(self.select)
                 if value is None:
                     raise InputError(
-                        f"eval.select={self.select!r} is not a reported metric; valid: {', '.join(last_metrics)}"
+                        f"eval.select={self.select!r} is not a reported metric; valid: {', '.join(metrics_now)}"
                     )
                 if best["value"] is None or value > best["value"]:
-                    best = {
-                        "metric": self.select,
-                        "value": value,
-                        "epoch": epoch,
-                        "state": self.heads.trainable_state(),
-                    }
+                    best = {"metric": self.select, "value": value, "epoch": epoch, "state": self._eval_state()}
             self._log(log, record)
             epoch, skip, loss_sum, loss_count = epoch + 1, 0, 0.0, 0
             self._save_state(epoch, 0, global_step, best, loss_sum, loss_count)
-        if completed and self.is_main:
-            summary = {k: v for k, v in best.items() if k != "state"}
-            self._export("model_final.pt", None, train_metrics=last_metrics, train_config=cfg.to_dict())
-            self._export("model_best.pt", best["state"], train_best=summary, train_config=cfg.to_dict())
+        test_best: dict[str, float] = {}
+        test_final: dict[str, float] = {}
+        if completed:
+            final_state = self._eval_state()
+            if best["state"] is None:  # no validation split: the last model is the selected one
+                best = {"metric": self.select, "value": None, "epoch": cfg.train.epochs, "state": final_state}
+            with self._weights(final_state):
+                test_final = evaluate(
+                    self.module, self.test_rows, list(cfg.eval.ks), self.device, cfg.train.feature_batch_size
+                )
+            with self._weights(best["state"]):
+                test_best = evaluate(
+                    self.module, self.test_rows, list(cfg.eval.ks), self.device, cfg.train.feature_batch_size
+                )
+            if self.is_main:
+                summary = {k: v for k, v in best.items() if k != "state"}
+                config = cfg.to_dict()
+                self._export("model_final.pt", final_state, test_metrics=test_final, train_config=config)
+                self._export(
+                    "model_best.pt", best["state"], test_metrics=test_best, train_best=summary, train_config=config
+                )
         if log is not None:
             log.close()
         records = log.records if log is not None else []
         return TrainResult(
             self.out_dir,
-            last_metrics,
+            test_best,
             {k: v for k, v in best.items() if k != "state"},
             records,
             completed,
             time.perf_counter() - start,
+            test_final,
         )
 
     def _mean_loss(self, loss_sum: float, loss_count: int) -> float:
