@@ -76,6 +76,10 @@ class LossConfig:
     # e.g. {margin: 0.2, warmup_steps: 200} for hard_negative: losses with a ``step()`` method (warm-up schedules)
     # are stepped once per optimizer step
     kwargs: dict[str, Any] = field(default_factory=dict)
+    # image_text with a pairwise loss: CrossModalLoss(loss, combine, memory_size) makes it symmetric; memory_size > 0
+    # adds a cross-batch memory (XBM) of that many earlier pairs as extra references
+    combine: str = "mean"
+    memory_size: int = 0
     teacher: TeacherConfig = field(default_factory=lambda: TeacherConfig())
 
 

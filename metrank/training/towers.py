@@ -123,6 +123,11 @@ def set_grad_checkpointing(backbone: nn.Module) -> None:
         )
 
 
+def _normalize(x: torch.Tensor) -> torch.Tensor:
+    """L2-normalised rows in at least float32 (autocast outputs are upcast; float64 stays float64)."""
+    return F.normalize(x.to(torch.promote_types(x.dtype, torch.float32)), dim=-1)
+
+
 class TrainModule(nn.Module):
     """Model + towers + loss (+ miner): ``forward(image_rows, other, ids=None, **extra) -> loss``.
 
@@ -161,12 +166,12 @@ class TrainModule(nn.Module):
         return self
 
     def embed_images(self, rows: Any) -> torch.Tensor:
-        return F.normalize(self.image(rows).float(), dim=-1)
+        return _normalize(self.image(rows))
 
     def embed_texts(self, rows: Any) -> torch.Tensor:
         if self.text is None:
             raise InputError("this model has no text tower")
-        return F.normalize(self.text(rows).float(), dim=-1)
+        return _normalize(self.text(rows))
 
     def loss_of(self, image_emb: torch.Tensor, other: torch.Tensor, ids: torch.Tensor | None, **extra: Any):
         """The loss given the embeddings (image-text: ``other`` = text embeddings; metric: ``other`` = labels)."""

@@ -43,7 +43,7 @@ from metrank.encoders.tuning import (
     trainable_parameter_names,
 )
 from metrank.errors import ConfigError, InputError
-from metrank.losses import CrossModalLoss, create_loss, is_paired
+from metrank.losses import LOSSES, CrossModalLoss, create_loss, is_paired
 from metrank.miners import create_miner
 from metrank.training.checkpoint import load_training_state, save_training_state, set_rng_state
 from metrank.training.config import TowerConfig, TrainConfig, save_config
@@ -73,7 +73,11 @@ RESUME_FREE_KEYS = (
     "output.",
     "eval.",
 )
-DISTILLATION_LOSSES = ("cprd", "logit_kd")
+
+
+def needs_teacher(loss_name: str) -> bool:
+    """Whether the loss distils a teacher (takes ``teacher=``: ``cprd``, ``logit_kd``)."""
+    return "teacher" in inspect.signature(LOSSES.get(loss_name)).parameters
 
 
 @dataclass
@@ -117,7 +121,7 @@ def build_loss(cfg: TrainConfig, teacher: Any = None) -> tuple:
     directions); a paired loss is used as is. Distillation losses get ``teacher``."""
     name = cfg.loss.name
     kwargs: dict[str, Any] = dict(cfg.loss.kwargs)
-    if name in DISTILLATION_LOSSES:
+    if needs_teacher(name):
         if cfg.task != "image_text":
             raise ConfigError(f"loss.name={name!r} distils an image-text cross-encoder; it needs task=image_text")
         if teacher is None:
@@ -131,7 +135,12 @@ def build_loss(cfg: TrainConfig, teacher: Any = None) -> tuple:
                 "(e.g. infonce, triplet, contextual)"
             )
     elif cfg.task == "image_text":
-        loss = CrossModalLoss(loss)
+        if name == "xbm":
+            raise ConfigError(
+                "loss.name=xbm is the class-label memory loss (task=metric); for image_text keep a pairwise loss "
+                "and add the memory with loss.memory_size=N (e.g. loss.name=triplet loss.memory_size=1024)"
+            )
+        loss = CrossModalLoss(loss, combine=cfg.loss.combine, memory_size=cfg.loss.memory_size)
     miner = None
     if cfg.miner.name:
         if cfg.task == "image_text":
@@ -277,7 +286,7 @@ class Trainer:
         self.val_rows = self._rows(self.val_sel, train=False) if self.val_sel is not None else None
         self.test_rows = self._rows(self.test_sel, train=False)
 
-        teacher = self._teacher() if cfg.loss.name in DISTILLATION_LOSSES else None
+        teacher = self._teacher() if needs_teacher(cfg.loss.name) else None
         self.loss, self.miner = build_loss(cfg, teacher)
         self._apply_lora()
         if cfg.train.threads is not None:  # for the training loop; feature extraction used the default
@@ -512,7 +521,7 @@ class Trainer:
         if self.has_text:
             assert rows.text is not None
             images = rows.caption_image[idx]
-            if self.cfg.loss.name in DISTILLATION_LOSSES:
+            if needs_teacher(self.cfg.loss.name):
                 extra = {
                     "images": self.teacher_image[images].to(self.device),
                     "texts": self.teacher_text[idx].to(self.device),
