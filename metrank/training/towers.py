@@ -235,4 +235,4 @@ class EMA:
 
     def state(self) -> dict[str, torch.Tensor]:
         current = self.module.trainable_state()
-        return {k: v.to(current[k].dtype) for k, v in self.shadow.items()}
+        return {k: v.to(current[k].dtype, copy=True) for k, v in self.shadow.items()}
