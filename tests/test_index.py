@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from metrank.index import Index, create_index
+from metrank.index import Index, choose_index, create_index, index_memory
 
 
 @pytest.fixture(autouse=True)
@@ -178,3 +178,51 @@ def test_bad_input_raises_value_error():
             create_index("Flat", dim=4, device="gpu")
     with pytest.raises(FileNotFoundError):
         Index.load("/nonexistent/index.faiss")
+
+
+# ---- sizing -----------------------------------------------------------------------------------------------------------
+def test_choose_index_flat_below_a_million_ivf_above_pq_when_tight(capsys):
+    choice = choose_index(100_000, 512, 8 << 30)
+    assert choice.spec == "Flat" and choice.memory_bytes == 100_000 * (512 * 4 + 8)
+    assert "Flat" in capsys.readouterr().out  # the choice is printed
+    ivf = choose_index(5_000_000, 512, 16 << 30, verbose=False)
+    assert ivf.spec == "IVF8192,Flat" and ivf.nlist == 8192 and 8 <= ivf.nprobe <= 256  # 4 sqrt(5M) = 8944
+    pq = choose_index(50_000_000, 512, 2 << 30, verbose=False)
+    assert pq.spec == f"IVF{pq.nlist},PQ{pq.pq_bytes}" and pq.memory_bytes <= 2 << 30
+    bigger = [
+        m for m in (128, 96, 64, 48) if 512 % m == 0 and index_memory("ivf_pq", 50_000_000, 512, pq.nlist, m) <= 2 << 30
+    ]
+    assert not bigger and pq.pq_bytes == 32  # the largest code that fits: 64 bytes would need 3.4 GiB
+    with pytest.raises(ValueError, match="no index for 50,000,000 x 512 fits in 0.25 GiB"):
+        choose_index(50_000_000, 512, 1 << 28, verbose=False)
+    assert choose_index(2_000_000, 64, 1 << 40, flat_max_n=3_000_000, verbose=False).spec == "Flat"
+
+
+def test_nlist_is_a_power_of_two_near_4_sqrt_n_with_enough_points_per_cell():
+    for n in (1_000, 20_000, 1_000_000, 100_000_000):
+        nlist = choose_index(n, 64, 1 << 50, flat_max_n=0, verbose=False).nlist
+        assert nlist & (nlist - 1) == 0 and n / nlist >= 39
+        assert nlist == 2 ** round(np.log2(4 * np.sqrt(n))) or n / (2 * nlist) < 39
+
+
+@pytest.mark.parametrize("budget", [1 << 40, pytest.param(60_000, marks=pytest.mark.slow)])  # IVF-Flat, IVF-PQ4
+def test_expected_memory_matches_the_filled_index(budget):
+    x = data(3_000, 16, seed=3)
+    choice = choose_index(len(x), 16, budget, flat_max_n=1_000, verbose=False)
+    assert choice.spec == ("IVF64,Flat" if budget == 1 << 40 else "IVF64,PQ4")
+    index = choice.create(device="cpu")
+    index.train(x)
+    index.add(x)
+    assert index.nprobe == choice.nprobe
+    assert abs(index.memory_bytes() - choice.memory_bytes) / choice.memory_bytes < 0.02
+
+
+def test_expected_recall_is_measured_on_the_sample():
+    rng = np.random.default_rng(4)
+    centres = rng.standard_normal((64, 32)).astype(np.float32)
+    x = centres[rng.integers(0, 64, 12_000)] + 0.05 * rng.standard_normal((12_000, 32)).astype(np.float32)
+    assert choose_index(12_000, 32, 1 << 30, sample=x, verbose=False).expected_recall == 1.0  # flat: exact
+    ivf = choose_index(2_000_000, 32, 1 << 40, sample=x, verbose=False)
+    assert ivf.spec.endswith(",Flat") and 0.9 <= ivf.expected_recall <= 1.0
+    with pytest.raises(ValueError, match="sample needs at least"):
+        choose_index(2_000_000, 32, 1 << 40, sample=x[:100], verbose=False)
