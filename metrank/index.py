@@ -211,7 +211,7 @@ class Index:
     def stored_ids(self) -> np.ndarray:
         """The ids of all stored vectors (int64, in storage order)."""
         ivf = faiss.try_extract_index_ivf(self._cpu)
-        if ivf is not None:
+        if ivf is not None and ivf.invlists is not None:
             lists = ivf.invlists
             parts = [
                 faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy()
@@ -232,7 +232,7 @@ class Index:
         if not np.issubdtype(ids.dtype, np.integer):
             raise InputError(f"ids must have an integer dtype, got {ids.dtype}")
         try:
-            removed = int(self._cpu.remove_ids(ids.astype(np.int64)))
+            removed = int(self._cpu.remove_ids(ids.astype(np.int64)))  # type: ignore[arg-type]
         except RuntimeError as err:
             raise InputError(
                 f"index {self.spec!r} does not support removal ({err.args[0].splitlines()[-1]}); "
@@ -299,7 +299,9 @@ class Index:
         """Size of the serialised index (vectors/codes, ids, centroids, graph), counted without copying it; the
         in-memory footprint is the same up to small allocator overheads."""
         counter = [0]
-        writer = faiss.PyCallbackIOWriter(lambda chunk: counter.__setitem__(0, counter[0] + len(chunk)))
+        writer = faiss.PyCallbackIOWriter(  # type: ignore[attr-defined]
+            lambda chunk: counter.__setitem__(0, counter[0] + len(chunk))
+        )
         faiss.write_index(self._cpu, writer)
         return counter[0]
 
