@@ -19,14 +19,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from metrank.training import Trainer, load_config
+from metrank.training.baselines import eval_views, frozen_baselines, view_metrics
+from metrank.training.trainer import embed_rows
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "eval"))
-
-import frozen_baselines  # noqa: E402
-
-from metrank.training import Trainer, load_config  # noqa: E402
-from metrank.training.feature_sets import open_dataset  # noqa: E402
-from metrank.training.trainer import embed_features  # noqa: E402
 
 EMOJI = "train/configs/emoji_image_text.yaml"
 # (name, config, overrides): the image-text losses share one budget (epochs, batch, lr schedule, heads)
@@ -52,14 +49,7 @@ def command(config: str, overrides: Sequence[str]) -> str:
 
 
 def run_baseline(config: str) -> dict[str, dict[str, float]]:
-    from metrank.encoders import create_model
-    from metrank.training.trainer import select_device
-
-    cfg = load_config(REPO / config)
-    device = select_device(cfg.train.device)
-    model = create_model(cfg.model.name, pretrained=cfg.model.pretrained, **cfg.model.kwargs).to(device).eval()
-    fn = frozen_baselines.image_text_baseline if cfg.task == "image_text" else frozen_baselines.metric_baseline
-    return fn(cfg, model, device)
+    return frozen_baselines(load_config(REPO / config))
 
 
 def fmt(value: Any) -> str:
@@ -203,14 +193,13 @@ def main(argv: Sequence[str] = None) -> int:
         result = trainer.fit()
         wall = time.perf_counter() - start
         rows = {name: result.metrics}
-        if cfg.task == "metric":  # also the cross-view protocol of the frozen baseline, on the final heads
-            emb = embed_features(trainer.heads.embed_images, trainer.eval_feats.image, trainer.device).numpy()
-            views = frozen_baselines.eval_views(open_dataset(cfg, cfg.data.eval_split), cfg)
+        if cfg.task == "metric":  # also the cross-view protocol of the frozen baseline, on the final model
+            trainer.module.eval()
+            emb = embed_rows(trainer.module.embed_images, trainer.test_rows.image, trainer.device, 256).numpy()
+            views = eval_views(trainer.test_sel.dataset, cfg)
             rows = {
                 k.replace("trained, leave-one-out", name).replace("trained,", f"{name},"): v
-                for k, v in frozen_baselines.view_metrics(
-                    emb, trainer.eval_feats.labels.numpy(), views, cfg.eval.ks, "trained"
-                ).items()
+                for k, v in view_metrics(emb, trainer.test_sel.image_ids, views, cfg.eval.ks, "trained").items()
             }
         for row_name, metrics in rows.items():
             runs.append(

@@ -53,7 +53,12 @@ class ImageLabelDataset(Dataset):
         on_error: ``"raise"`` or ``"skip"`` (see module docstring).
         class_names: name of each label value, for display.
         views: optional view/domain of each item (e.g. the emoji vendor, In-Shop query/gallery).
+
+    ``mirror_invariant``: whether a horizontally flipped image keeps its label (training may then flip); False
+    unless a dataset declares it (emoji and icons: an arrow flipped is another arrow).
     """
+
+    mirror_invariant = False
 
     def __init__(
         self,
@@ -183,8 +188,10 @@ class ImageTextDataset(Dataset):
     negatives in cross-modal losses (captions of the same image or identity).
 
     Empty captions raise ``ValueError`` naming them, or with ``empty_captions="skip"`` are dropped and listed in
-    ``skipped_captions`` (with a warning).
+    ``skipped_captions`` (with a warning). ``mirror_invariant`` as for :class:`ImageLabelDataset`.
     """
+
+    mirror_invariant = False
 
     def __init__(
         self,

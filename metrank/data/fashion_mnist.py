@@ -73,10 +73,12 @@ def load_fashion_mnist(
     if class_disjoint and split != "all":
         keep = np.flatnonzero((labels < 5) == (split == "train"))
     split_labels, classes = remap_labels(labels[keep].tolist())
-    return ImageLabelDataset(
+    dataset = ImageLabelDataset(
         list(zip(keep.tolist(), split_labels.tolist())),
         loader=ArrayImageLoader(pixels),
         class_names=[FASHION_MNIST_CLASSES[c] for c in classes],
         name=f"fashion_mnist-{split}",
         **kw,
     )
+    dataset.mirror_invariant = True  # a mirrored shirt is still a shirt
+    return dataset

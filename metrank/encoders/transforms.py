@@ -1,5 +1,7 @@
 """Image transforms shared by every encoder: RGB conversion (transparency composited on white), resize, crop,
-normalisation; the training variant adds a random resized crop and a horizontal flip."""
+normalisation; the training variant adds a random resized crop and a colour jitter (brightness, contrast,
+saturation; no hue shift: a red heart and a blue heart are different emoji). A horizontal flip is not part of it:
+only the trainer adds one, for datasets that declare ``mirror_invariant`` (an arrow flipped is another arrow)."""
 
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ def build_image_transforms(
     """``(eval_transform, train_transform)``, both PIL -> float tensor ``[3, image_size, image_size]``.
 
     Eval: resize the short side to ``image_size``, centre crop. Train: random resized crop (area ``train_scale``),
-    horizontal flip.
+    colour jitter (0.2 brightness / contrast / saturation).
     """
     if int(image_size) < 8:
         raise InputError(f"image_size must be >= 8 pixels, got {image_size}")
@@ -54,7 +56,7 @@ def build_image_transforms(
         [
             ToRGB(),
             T.RandomResizedCrop(image_size, scale=tuple(train_scale), interpolation=mode),
-            T.RandomHorizontalFlip(),
+            T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2),
             *normalize,
         ]
     )
