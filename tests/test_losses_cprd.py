@@ -275,6 +275,12 @@ def test_cached_teacher_hits_and_same_scores():
     assert torch.allclose(direct, table[rows, rows.flip(0)].float())
     with pytest.raises(ValueError, match="text_ids"):
         loss(img, txt, ids, images=rows, texts=rows)
+    inner2 = TableTeacher(table)
+    wrapped = CPRDLoss(inner2, k=3, temperature=0.1, cache_teacher=True)
+    assert isinstance(wrapped.teacher, CachedTeacher) and wrapped.teacher.teacher is inner2
+    assert wrapped(img, txt, ids, images=rows, texts=rows, text_ids=rows).item() == pytest.approx(first.item())
+    wrapped(img, txt, ids, images=rows, texts=rows, text_ids=rows)
+    assert inner2.calls == 1
 
 
 def test_bad_inputs_raise_value_error():

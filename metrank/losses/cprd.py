@@ -138,8 +138,11 @@ class _HardNegativeDistillation(PairedLoss):
         temperature: float | None,
         distinct: bool = True,
         memory_size: int = 0,
+        cache_teacher: bool = False,
     ) -> None:
         super().__init__()
+        if cache_teacher and not isinstance(teacher, CachedTeacher):
+            teacher = CachedTeacher(teacher)
         if k < 1:
             raise InputError(f"k (hard negatives per query) must be >= 1, got {k}")
         if temperature is not None and temperature <= 0:
@@ -296,6 +299,8 @@ class CPRDLoss(_HardNegativeDistillation):
             ``text_ids`` are given).
         memory_size: mine the K negatives among this batch plus up to this many earlier pairs (XBM queue,
             :class:`metrank.losses.memory.MemoryQueue`; needs ``text_ids`` and tensor teacher inputs).
+        cache_teacher: wrap a frozen teacher in :class:`metrank.losses.teachers.CachedTeacher` (each (image id,
+            text id) pair scored once over training; needs ``text_ids``).
     """
 
     def __init__(
@@ -311,8 +316,9 @@ class CPRDLoss(_HardNegativeDistillation):
         normalise: str = "all",
         distinct: bool = True,
         memory_size: int = 0,
+        cache_teacher: bool = False,
     ) -> None:
-        super().__init__(teacher, k, lam, itc, temperature, distinct, memory_size)
+        super().__init__(teacher, k, lam, itc, temperature, distinct, memory_size, cache_teacher)
         self.normalise = check_choice(normalise, NORMALISATIONS, "normalise")
         if min_gap < 0:
             raise InputError(f"min_gap must be >= 0, got {min_gap}")
@@ -330,8 +336,8 @@ class CPRDLoss(_HardNegativeDistillation):
 class LogitDistillationLoss(_HardNegativeDistillation):
     """InfoNCE + logit distillation baseline: ``KL(softmax(t / teacher_temperature) || softmax(s / tau))`` per query
     over the same K hardest negatives CPRD uses (teacher scores t, student similarities s, tau the InfoNCE
-    temperature); ``L = L_itc + lam * L_kd``. No T^2 factor. ``distinct`` and ``memory_size`` as for
-    :class:`CPRDLoss`."""
+    temperature); ``L = L_itc + lam * L_kd``. No T^2 factor. ``distinct``, ``memory_size`` and ``cache_teacher``
+    as for :class:`CPRDLoss`."""
 
     def __init__(
         self,
@@ -343,8 +349,9 @@ class LogitDistillationLoss(_HardNegativeDistillation):
         teacher_temperature: float = 1.0,
         distinct: bool = True,
         memory_size: int = 0,
+        cache_teacher: bool = False,
     ) -> None:
-        super().__init__(teacher, k, lam, itc, temperature, distinct, memory_size)
+        super().__init__(teacher, k, lam, itc, temperature, distinct, memory_size, cache_teacher)
         if teacher_temperature <= 0:
             raise InputError(f"teacher_temperature must be > 0, got {teacher_temperature}")
         self.teacher_temperature = teacher_temperature
