@@ -28,7 +28,6 @@ def test_batched_answers_equal_unbatched():
     batcher = QueryBatcher(retriever, max_wait=0.05)
     with ThreadPoolExecutor(32) as pool:
         batched = list(pool.map(lambda r: batcher.search(r[0], **r[1]), requests))
-    batcher.close()
     assert batcher.queries == 96 and batcher.batches < 96 / 4  # queries were coalesced
     for (q, kw), hits in zip(requests, batched):
         alone = retriever.search(vector=q, **kw)

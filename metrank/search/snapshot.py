@@ -300,7 +300,8 @@ class Snapshotter:
     after the first unsnapshotted write, and once more on :meth:`stop` if anything changed.
 
     Snapshots only bound the replay work on the next load: every acknowledged write is already durable in the
-    item store. ``with Snapshotter(retriever): ...`` runs it for the block.
+    item store. While the index file is written, searches go on and writes wait. A failed snapshot (disk full) is
+    kept in ``error`` and retried at the next trigger. ``with Snapshotter(retriever): ...`` runs it for the block.
     """
 
     def __init__(self, retriever, every_writes: int = 1000, every_seconds: float = 60.0, poll: float = 0.2) -> None:

@@ -66,7 +66,7 @@ def create_app(
     bind_host: str = "127.0.0.1",
     snapshot_every_writes: int = 1000,
     snapshot_every_seconds: float = 60.0,
-    batch_wait: float = 0.0,
+    batch_wait: float = 0.005,
     batching: bool = True,
 ) -> FastAPI:
     """The FastAPI app serving ``retriever``.
@@ -74,8 +74,8 @@ def create_app(
     ``media_dir``: where uploaded images are kept (default ``<retriever dir>/media`` or a temporary folder; it is
     declared a media root); ``save_dir``: where ``POST /save`` writes (default: the retriever's directory);
     ``allowed_hosts``: host names answered besides loopback and ``bind_host`` (``["*"]``: any);
-    ``snapshot_every_*``: background index snapshots (saved retrievers only); ``batch_wait``: seconds a batch
-    waits for more concurrent queries (0: take whatever is queued); ``batching=False`` searches each request on
+    ``snapshot_every_*``: background index snapshots (saved retrievers only); ``batch_wait``: the longest a batch
+    waits for more concurrent queries (adaptive, see :mod:`metrank.search.batcher`; 0: never wait); ``batching=False`` searches each request on
     its own.
     """
     if (
@@ -98,7 +98,6 @@ def create_app(
         try:
             yield
         finally:
-            batcher.close()
             if snapshotter is not None:
                 snapshotter.stop()  # final snapshot: Ctrl-C and SIGTERM both end up here
 
