@@ -23,7 +23,7 @@ from metrank.images import ImageLoadError, open_rgb, to_rgb
 from metrank.registry import Registry
 
 DATASETS: Registry = Registry("dataset")
-for _name, _loader in [
+_LOADERS: list[tuple[str, Any]] = [
     ("emoji", load_emoji),
     ("tuxpaint", load_tuxpaint),
     ("fashion_mnist", load_fashion_mnist),
@@ -35,7 +35,8 @@ for _name, _loader in [
     ("coco", load_coco),
     ("image_folder", load_image_folder),
     ("csv", load_caption_table),
-]:
+]
+for _name, _loader in _LOADERS:
     DATASETS.register(_name)(_loader)
 
 

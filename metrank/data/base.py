@@ -59,6 +59,7 @@ class ImageLabelDataset(Dataset):
     """
 
     mirror_invariant = False
+    super_labels: np.ndarray | None = None  # coarse classes where a dataset has them (SOP super-categories)
 
     def __init__(
         self,
@@ -68,7 +69,7 @@ class ImageLabelDataset(Dataset):
         on_error: str = "raise",
         class_names: Sequence[str] | None = None,
         name: str = "images",
-        views: Sequence[str] | None = None,
+        views: Sequence[str] | np.ndarray | None = None,
     ) -> None:
         self.items = [(key, int(label)) for key, label in items]
         if views is not None and len(views) != len(self.items):
@@ -157,7 +158,7 @@ class ImageLabelDataset(Dataset):
         if self.views is not None:
             self.views = self.views[np.asarray(indices, dtype=np.int64)]
 
-    def subset(self, indices: Sequence[int]) -> ImageLabelDataset:
+    def subset(self, indices: Sequence[int] | np.ndarray) -> ImageLabelDataset:
         """A new dataset with items ``indices`` (same transform, loader, error policy, label values)."""
         views = None if self.views is None else self.views[np.asarray(indices, dtype=np.int64)]
         return ImageLabelDataset(
@@ -192,33 +193,35 @@ class ImageTextDataset(Dataset):
     """
 
     mirror_invariant = False
+    categories: list[str] | None = None  # per image, where a dataset has them (emoji category, subcategory)
+    subcategories: list[str] | None = None
 
     def __init__(
         self,
         images: Sequence[Any],
-        image_labels: Sequence[int],
+        image_labels: Sequence[int] | np.ndarray,
         captions: Sequence[str],
-        caption_image: Sequence[int],
+        caption_image: Sequence[int] | np.ndarray,
         transform: Callable | None = None,
         loader: Loader | None = None,
         on_error: str = "raise",
         empty_captions: str = "raise",
         class_names: Sequence[str] | None = None,
         name: str = "image-text",
-        image_views: Sequence[str] | None = None,
+        image_views: Sequence[str] | np.ndarray | None = None,
     ) -> None:
         if empty_captions not in ("raise", "skip"):
             raise InputError(f"empty_captions must be 'raise' or 'skip', got {empty_captions!r}")
-        caption_image = np.asarray(caption_image, dtype=np.int64)
-        if len(captions) != len(caption_image):
-            raise InputError(f"{len(captions)} captions but {len(caption_image)} caption_image entries")
+        caption_index = np.asarray(caption_image, dtype=np.int64)
+        if len(captions) != len(caption_index):
+            raise InputError(f"{len(captions)} captions but {len(caption_index)} caption_image entries")
         if len(images) != len(image_labels):
             raise InputError(f"{len(images)} images but {len(image_labels)} image labels")
-        if len(caption_image) and (caption_image.min() < 0 or caption_image.max() >= len(images)):
+        if len(caption_index) and (caption_index.min() < 0 or caption_index.max() >= len(images)):
             raise InputError(f"caption_image must index into the {len(images)} images")
         empty = [i for i, c in enumerate(captions) if not isinstance(c, str) or not c.strip()]
         if empty:
-            where = [f"caption {i} of image {images[caption_image[i]]!r}" for i in empty[:5]]
+            where = [f"caption {i} of image {images[caption_index[i]]!r}" for i in empty[:5]]
             if empty_captions == "raise":
                 raise InputError(
                     f"dataset {name!r} has {len(empty)} empty captions ({'; '.join(where)}"
@@ -230,11 +233,11 @@ class ImageTextDataset(Dataset):
                 stacklevel=2,
             )
         keep = np.setdiff1d(np.arange(len(captions)), np.asarray(empty, dtype=np.int64))
-        self.skipped_captions = [(str(images[caption_image[i]]), i) for i in empty]
+        self.skipped_captions = [(str(images[caption_index[i]]), i) for i in empty]
         self.images = list(images)
         self.image_labels = np.asarray(image_labels, dtype=np.int64)
         self.captions = [captions[i].strip() for i in keep]
-        self.caption_image = caption_image[keep]
+        self.caption_image = caption_index[keep]
         self.transform = transform
         self.loader = loader or open_rgb
         self.on_error = check_on_error(on_error)
@@ -281,16 +284,16 @@ class ImageTextDataset(Dataset):
         """``[(path, reason)]`` of images that cannot be read (drop them with ``select_images``)."""
         return self._image_dataset.scan(progress=progress)
 
-    def select_images(self, indices: Sequence[int]) -> ImageTextDataset:
+    def select_images(self, indices: Sequence[int] | np.ndarray) -> ImageTextDataset:
         """A new dataset with images ``indices`` (in that order) and their captions."""
-        indices = np.asarray(indices, dtype=np.int64)
+        rows = np.asarray(indices, dtype=np.int64)
         new_index = np.full(len(self.images), -1, dtype=np.int64)
-        new_index[indices] = np.arange(len(indices))
+        new_index[rows] = np.arange(len(rows))
         keep = np.flatnonzero(new_index[self.caption_image] >= 0)
-        views = None if self.image_views is None else self.image_views[indices]
+        views = None if self.image_views is None else self.image_views[rows]
         return ImageTextDataset(
-            [self.images[i] for i in indices],
-            self.image_labels[indices],
+            [self.images[i] for i in rows],
+            self.image_labels[rows],
             [self.captions[i] for i in keep],
             new_index[self.caption_image[keep]],
             self.transform,

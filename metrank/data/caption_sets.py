@@ -52,7 +52,9 @@ def load_karpathy(
     image_dir = os.path.join(
         root, image_dir if image_dir is not None else ("flickr30k-images" if name == "flickr30k" else "")
     )
-    images, captions, caption_image = [], [], []
+    images: list[str] = []
+    captions: list[str] = []
+    caption_image: list[int] = []
     for entry in entries:
         if entry["split"] not in wanted:
             continue

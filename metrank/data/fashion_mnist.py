@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import os
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -38,7 +39,7 @@ def read_idx(path: str) -> np.ndarray:
         data = f.read()
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
         raise InputError(f"{path!r} is not an IDX file")
-    dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+    dtypes: dict[int, Any] = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
     ndim = data[3]
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     array = np.frombuffer(data, dtype=dtypes[data[2]], offset=4 + 4 * ndim)

@@ -74,15 +74,15 @@ USER_DATA = ("image_folder", "csv")
 def dataset_location(name: str, root: str | None = None) -> str | None:
     """Where ``name`` is on disk now, or ``None`` if absent (user-data loaders have no fixed place)."""
     if name == "emoji":
-        path = data_root(root) / "emoji"
-        return str(path) if (path / "emoji-datasource-google" / "package" / "emoji.json").is_file() else None
+        emoji = data_root(root) / "emoji"
+        return str(emoji) if (emoji / "emoji-datasource-google" / "package" / "emoji.json").is_file() else None
     if name in DEBIAN_PACKAGES:
         path = DEBIAN_PACKAGES[name][1]
         return path if os.path.isdir(path) else None
     if name in USER_DATA:
         return None
-    path = data_root(root) / name
-    return str(path) if path.is_dir() else None
+    folder = data_root(root) / name
+    return str(folder) if folder.is_dir() else None
 
 
 def apt_install(packages: Sequence[str], run_apt: bool | None = None) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -34,7 +35,7 @@ def _read_rows(path: str, skip: int = 0) -> list[list[str]]:
     return [row for row in rows if row]
 
 
-def _labelled(name: str, split: str, paths: Sequence[str], raw_labels: Sequence[int], **kw) -> ImageLabelDataset:
+def _labelled(name: str, split: str, paths: Sequence[str], raw_labels: Sequence[Any], **kw) -> ImageLabelDataset:
     labels, classes = remap_labels(raw_labels)
     return ImageLabelDataset(
         list(zip(paths, labels)), class_names=[str(c) for c in classes], name=f"{name}-{split}", **kw

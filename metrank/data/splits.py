@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -17,7 +18,7 @@ def check_split(split: str, valid: Sequence[str] = SPLITS) -> str:
     return split
 
 
-def held_out_classes(classes: Sequence[Hashable], test_fraction: float, seed: int) -> set[Hashable]:
+def held_out_classes(classes: Sequence[Any], test_fraction: float, seed: int) -> set[Any]:
     """The seeded random ``test_fraction`` of ``classes`` (sorted first, so the order given does not matter)."""
     if not 0.0 < test_fraction < 1.0:
         raise InputError(f"test_fraction must be in (0, 1), got {test_fraction}")

@@ -81,7 +81,7 @@ def quiet_loading() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def split_image_tower(visual: nn.Module) -> tuple[nn.Module, nn.Module]:
+def split_image_tower(visual: Any) -> tuple[nn.Module, nn.Module]:
     """``(backbone, projection)`` of an open_clip image tower; the projection is removed from the tower."""
     if isinstance(visual, TimmModel):
         return visual.trunk, visual.head
@@ -92,7 +92,7 @@ def split_image_tower(visual: nn.Module) -> tuple[nn.Module, nn.Module]:
     return visual, nn.Identity()  # e.g. ModifiedResNet: the projection lives inside its attention pool
 
 
-def split_text_tower(text: nn.Module) -> tuple[nn.Module, nn.Module]:
+def split_text_tower(text: Any) -> tuple[nn.Module, nn.Module]:
     """``(backbone, projection)`` of an open_clip text tower; the projection is removed from the tower."""
     if isinstance(text, HFTextEncoder):
         projection, text.proj = text.proj, nn.Identity()
@@ -106,7 +106,7 @@ def split_text_tower(text: nn.Module) -> tuple[nn.Module, nn.Module]:
 
 
 def retrieval_model_from_clip(
-    clip: nn.Module,
+    clip: Any,
     tokenizer,
     embed_dim: int,
     pooling: str | None,

@@ -8,12 +8,12 @@ single-class batches cannot corrupt them). ``unfreeze_last=0`` freezes the whole
 
 from __future__ import annotations
 
-from torch import nn
+from typing import Any
 
 from metrank.errors import InputError
 
 
-def freeze_timm_trunk(trunk: nn.Module, unfreeze_last: int = 0, freeze_bn: bool = True) -> None:
+def freeze_timm_trunk(trunk: Any, unfreeze_last: int = 0, freeze_bn: bool = True) -> None:
     """Freeze a timm model in place except its last ``unfreeze_last`` coarse layer groups."""
     from timm.models import group_modules
     from timm.utils import freeze

@@ -123,16 +123,19 @@ class RetrievalModel(nn.Module):
         texts = check_texts(texts)
         if not texts:
             raise InputError("tokenize() got no texts")
+        assert self._tokenizer is not None  # _require_text checked it
         return self._tokenizer(texts)
 
     def text_features(self, tokens: torch.Tensor) -> torch.Tensor:
         """Pooled text-backbone features ``[B, F_t]`` of token ids from ``tokenize``."""
         self._require_text()
+        assert self.text_backbone is not None
         return self.text_backbone(tokens)
 
     def text_head(self, features: torch.Tensor) -> torch.Tensor:
         """Projection ``[B, F_t] -> [B, D]`` (not normalised)."""
         self._require_text()
+        assert self.text_projection is not None
         return self.text_projection(features)
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:

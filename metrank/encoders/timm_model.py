@@ -3,6 +3,8 @@ ImageNet weights), each a pooled trunk plus a projection head."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import timm
 from timm.data import resolve_data_config
 from torch import nn
@@ -36,7 +38,7 @@ def create_projection(kind: str, in_dim: int, out_dim: int, drop: float = 0.0) -
     raise InputError(f"unknown projection {kind!r}; valid: {', '.join(PROJECTIONS)}")
 
 
-def create_timm_trunk(arch: str, pretrained: Pretrained) -> nn.Module:
+def create_timm_trunk(arch: str, pretrained: Pretrained) -> Any:
     """timm model without classifier; weights: packaged Lite0 (``tf_efficientnet_lite0``, ``pretrained=True``),
     a local file (``pretrained=<path>``), timm's own source (``True``: needs a model hub or a warm cache; with
     ``HF_HUB_OFFLINE=1`` a missing file fails at once instead of after network retries)."""
@@ -91,8 +93,9 @@ def build_timm_model(
     eval_transform, train_transform = build_image_transforms(
         size, data_cfg["mean"], data_cfg["std"], data_cfg.get("interpolation", "bicubic")
     )
-    head = create_projection(projection, trunk.num_features, embed_dim, drop)
-    out_dim = trunk.num_features if projection == "none" else embed_dim
+    features = int(trunk.num_features)
+    head = create_projection(projection, features, embed_dim, drop)
+    out_dim = features if projection == "none" else embed_dim
     return RetrievalModel(trunk, head, out_dim, eval_transform, train_transform, config={})
 
 

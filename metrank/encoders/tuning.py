@@ -42,12 +42,12 @@ class BlockSplit:
     """``stem -> blocks -> tail`` view of a backbone (see the module docstring). ``kind`` names the family."""
 
     kind: str
-    backbone: nn.Module
+    backbone: Any  # a timm model or open_clip HFTextEncoder: its submodules are read by name
     checkpointing: bool = False
 
     # --------------------------------------------------------------------------------------------- structure
     @property
-    def blocks(self) -> nn.Sequential | nn.ModuleList:
+    def blocks(self) -> Any:
         if self.kind == "bert":
             return self.backbone.transformer.encoder.layer
         return self.backbone.blocks
@@ -173,15 +173,13 @@ def apply_lora(backbone: nn.Module, tower: str, r: int, alpha: float, dropout: f
             f"model.{tower}.mode=lora: no Linear/Conv2d layer of the {type(backbone).__name__} backbone matches "
             f"lora_targets={list(targets)}; set model.{tower}.lora_targets to layer names such as {kinds[:8]}"
         )
-    depthwise = [
-        n for n in layers if isinstance(backbone.get_submodule(n), nn.Conv2d) and backbone.get_submodule(n).groups > 1
-    ]
+    depthwise = [n for n in layers if getattr(backbone.get_submodule(n), "groups", 1) != 1]
     if depthwise:
         raise ConfigError(
             f"model.{tower}.lora_targets hit grouped (depthwise) convolutions {depthwise[:3]}, which LoRA does not "
             "support; target pointwise layers (e.g. conv_pw, conv_pwl)"
         )
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=layers)
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=layers)  # type: ignore[arg-type]
     inject_adapter_in_model(config, backbone)
 
 
@@ -191,15 +189,17 @@ def lora_settings(spec: Any, backbone: nn.Module) -> dict[str, Any]:
     return {"r": spec.lora_r, "alpha": float(spec.lora_alpha), "dropout": float(spec.lora_dropout), "targets": targets}
 
 
-def tower_backbone(model: nn.Module, tower: str) -> nn.Module:
+def tower_backbone(model: Any, tower: str) -> Any:
+    """The backbone of ``tower`` ("image" / "text") of a ``RetrievalModel``."""
     return model.image_backbone if tower == "image" else model.text_backbone
 
 
-def tower_head(model: nn.Module, tower: str) -> nn.Module:
+def tower_head(model: Any, tower: str) -> Any:
+    """The projection head of ``tower`` of a ``RetrievalModel``."""
     return model.image_projection if tower == "image" else model.text_projection
 
 
-def apply_tuning(model: nn.Module, tuning: dict[str, Any]) -> None:
+def apply_tuning(model: Any, tuning: dict[str, Any]) -> None:
     """Re-apply the recorded structural changes (LoRA adapters) of ``model.config["tuning"]`` to a fresh model."""
     for tower, settings in tuning.items():
         lora = settings.get("lora")

@@ -20,7 +20,7 @@ from metrank.errors import MissingFileError, StateError
 
 def rng_state() -> dict[str, Any]:
     """The state of every random number generator training touches, as tensors/lists (``weights_only``-loadable)."""
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "numpy": [

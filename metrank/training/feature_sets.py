@@ -123,7 +123,7 @@ class Selection:
     def subset(self, name: str, keep_ids: np.ndarray) -> Selection:
         """The rows whose identity is in ``keep_ids``."""
         images = np.flatnonzero(np.isin(self.image_ids, keep_ids))
-        if self.captions is None:
+        if self.captions is None or self.caption_image is None:
             return Selection(name, self.dataset, self.image_index[images], self.image_ids[images])
         new_index = np.full(len(self.image_index), -1, dtype=np.int64)
         new_index[images] = np.arange(len(images))

@@ -35,12 +35,13 @@ class MetricsLog:
         self.plot_enabled = plot
         self.writer = None
         if tensorboard:
+            writer_cls: Any
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter as writer_cls
             except ImportError:  # tensorboard is optional
-                SummaryWriter = None
-            if SummaryWriter is not None:
-                self.writer = SummaryWriter(str(self.out_dir / "tb"))
+                writer_cls = None
+            if writer_cls is not None:
+                self.writer = writer_cls(str(self.out_dir / "tb"))
 
     def _write_jsonl(self) -> None:
         atomic_write_bytes(self.jsonl, "".join(json.dumps(r) + "\n" for r in self.records).encode())

@@ -69,7 +69,7 @@ class Tower(nn.Module):
 
     def __init__(
         self,
-        model: nn.Module,
+        model: Any,
         tower: str,
         mode: str,
         blocks: int = 0,
@@ -86,8 +86,11 @@ class Tower(nn.Module):
         if checkpointing and mode in ("lora", "full"):
             set_grad_checkpointing(backbone)
 
+    model: Any
+    split: BlockSplit | None
+
     @property
-    def head(self) -> nn.Module:
+    def head(self) -> Any:
         return tower_head(self.model, self.tower)
 
     def features(self, rows: Any) -> torch.Tensor:
@@ -95,7 +98,8 @@ class Tower(nn.Module):
         if self.mode == "heads":
             return rows
         if self.mode == "last_n":
-            split: BlockSplit = self.split
+            split = self.split
+            assert split is not None
             if self.cached_prefix:
                 state = rows if isinstance(rows, tuple) else (rows,)
             else:
@@ -110,7 +114,7 @@ class Tower(nn.Module):
         return self.head(self.feature_dropout(self.features(rows)))
 
 
-def set_grad_checkpointing(backbone: nn.Module) -> None:
+def set_grad_checkpointing(backbone: Any) -> None:
     """Activation checkpointing in a trained backbone (timm ``set_grad_checkpointing``, HF
     ``gradient_checkpointing_enable``), or a ``ConfigError``-style ``InputError`` when it offers neither."""
     if hasattr(backbone, "set_grad_checkpointing"):
@@ -141,7 +145,7 @@ class TrainModule(nn.Module):
 
     def __init__(
         self,
-        model: nn.Module,
+        model: Any,
         image: Tower,
         text: Tower | None,
         loss: nn.Module,

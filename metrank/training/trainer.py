@@ -211,7 +211,7 @@ def evaluate(module: TrainModule, rows: SplitRows, ks: list[int], device: torch.
         result = metrics.image_text_metrics(
             image_emb,
             text_emb,
-            rows.sel.caption_image,
+            rows.caption_image,
             ks=tuple(ks),
             image_labels=rows.sel.image_ids,
             progress=False,
@@ -281,7 +281,7 @@ class Trainer:
         train_sel = select_rows(cfg, open_dataset(cfg, cfg.data.train_split), "train")
         self.train_sel, self.val_sel = carve_validation(train_sel, cfg.data.val_fraction, cfg.train.seed)
         self.test_sel = select_rows(cfg, open_dataset(cfg, cfg.data.eval_split), "test")
-        self.mirror = bool(getattr(self.train_sel.dataset, "mirror_invariant", False))
+        self.mirror = bool(self.train_sel.dataset.mirror_invariant)
         self.train_rows = self._rows(self.train_sel, train=True)
         self.val_rows = self._rows(self.val_sel, train=False) if self.val_sel is not None else None
         self.test_rows = self._rows(self.test_sel, train=False)
@@ -515,7 +515,7 @@ class Trainer:
         return self.ema.state() if self.ema is not None else self.module.trainable_state()
 
     # ------------------------------------------------------------------ loop
-    def _batch(self, indices: list[int]) -> tuple[Any, Any, torch.Tensor, dict[str, Any]]:
+    def _batch(self, indices: list[int]) -> tuple[Any, Any, torch.Tensor | None, dict[str, Any]]:
         idx = torch.as_tensor(indices, dtype=torch.long)
         rows, extra = self.train_rows, {}
         if self.has_text:
@@ -731,7 +731,7 @@ class Trainer:
         totals = torch.tensor([loss_sum, float(loss_count)], dtype=torch.float64)
         if distributed.is_distributed():
             dist.all_reduce(totals)
-        return float(totals[0] / max(totals[1], 1.0))
+        return float(totals[0]) / max(float(totals[1]), 1.0)
 
     def _log(self, log: MetricsLog | None, record: dict[str, Any]) -> None:
         if log is not None:
@@ -740,7 +740,7 @@ class Trainer:
 
 def state_path(cfg: TrainConfig, resume: bool | str | Path) -> Path:
     """The training state ``resume`` refers to: True = ``<output.dir>/checkpoints/last.pt``, else the path given."""
-    return Path(cfg.output.dir) / "checkpoints" / "last.pt" if resume is True else Path(resume)
+    return Path(cfg.output.dir) / "checkpoints" / "last.pt" if resume is True else Path(str(resume))
 
 
 def train(cfg: TrainConfig, resume: bool | str | Path = False) -> TrainResult:
