@@ -1,11 +1,13 @@
-"""CrossModalLoss under real 2-process DDP (gloo, CPU) equals the single-process loss on the concatenated batch.
+"""CrossModalLoss and SigLipLoss under real 2-process DDP (gloo, CPU) equal the single-process loss on the
+concatenated batch.
 
 Correspondence checked: each rank computes the local-loss form (its own anchors against every rank's references via
 ``all_gather_with_grad``). For a mean-reduced loss with the same number of positive pairs per rank,
 ``L_global = (1/W)·Σ_r L_r``; the gather's backward all-reduces the reference-side gradients, so rank r's
 embeddings receive ``∂(Σ_r' L_r')/∂x_r``, and DDP's gradient *averaging* over the W ranks then gives exactly
 ``∂L_global/∂θ``. So: mean of the rank losses == single-process loss, and DDP parameter gradients ==
-single-process gradients (no extra factor W).
+single-process gradients (no extra factor W). SigLIP sums over pairs and divides by the local batch size, so the
+same holds for it with any ids.
 
 The cross-batch memory (XBM) queue: every rank enqueues every rank's rows, so after any number of steps each rank's
 queue equals a single process's queue fed the concatenated global batches, and a memory-augmented loss keeps the
@@ -20,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from metrank.losses import CrossModalLoss, HardNegativeLoss, InfoNCELoss, MemoryQueue
+from metrank.losses import CrossModalLoss, HardNegativeLoss, InfoNCELoss, MemoryQueue, PairedLoss, SigLipLoss
 
 pytestmark = pytest.mark.ddp
 
@@ -34,7 +36,7 @@ class PairModel(nn.Module):
     def __init__(self, loss: nn.Module, memory_size: int = 0) -> None:
         super().__init__()
         self.image, self.text = nn.Linear(6, 4), nn.Linear(6, 4)
-        self.loss = CrossModalLoss(loss, memory_size=memory_size)
+        self.loss = loss if isinstance(loss, PairedLoss) else CrossModalLoss(loss, memory_size=memory_size)
 
     def forward(self, image_x, text_x, ids):
         return self.loss(F.normalize(self.image(image_x), dim=1), F.normalize(self.text(text_x), dim=1), ids)
@@ -42,8 +44,8 @@ class PairModel(nn.Module):
 
 def build(loss_name: str, memory_size: int = 0) -> PairModel:
     torch.manual_seed(0)
-    loss = InfoNCELoss() if loss_name == "infonce" else HardNegativeLoss(margin=0.5)
-    return PairModel(loss, memory_size).double()
+    losses = {"infonce": InfoNCELoss, "hard_negative": lambda: HardNegativeLoss(margin=0.5), "siglip": SigLipLoss}
+    return PairModel(losses[loss_name](), memory_size).double()
 
 
 def global_batch():
@@ -86,8 +88,8 @@ def single_process(loss_name):
     return loss.detach(), grads
 
 
-def test_ddp_equals_single_process_for_infonce_and_hard_negative(free_port):
-    expected = {name: single_process(name) for name in ("infonce", "hard_negative")}
+def test_ddp_equals_single_process_for_infonce_hard_negative_and_siglip(free_port):
+    expected = {name: single_process(name) for name in ("infonce", "hard_negative", "siglip")}
     mp.spawn(worker, args=(free_port, expected), nprocs=WORLD, join=True)
 
 
