@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from metrank.data import DATASETS, ImageLabelDataset, ImageLoadError, ImageTextDataset, create_dataset, open_rgb
+from metrank.errors import InputError
 
 
 def write_png(path, color=(255, 0, 0), size=(8, 6), mode="RGB"):
@@ -321,3 +322,15 @@ def test_data_command_list_and_fetch(capsys, tmp_path):
     assert "emoji          missing: metrank data fetch emoji" in out  # empty --root
     assert f"layout: {tmp_path}/sop/Stanford_Online_Products/{{Ebay_train.txt" in out
     assert "already installed at /usr/share/datasets/fashion-mnist" in out
+
+
+@pytest.mark.data
+def test_emoji_phrase_captions_split_the_joined_caption(emoji_all):
+    phrases = create_dataset("emoji", split="test", caption_mode="phrases")
+    joined = create_dataset("emoji", split="test")
+    assert phrases.images == joined.images and len(phrases.captions) > len(joined.captions)
+    for image in (0, 1, 100, len(joined.images) - 1):
+        mine = [c for c, i in zip(phrases.captions, phrases.caption_image) if i == image]
+        assert ", ".join(mine) == joined.captions[image]
+    with pytest.raises(InputError, match="caption_mode must be one of joined, phrases"):
+        create_dataset("emoji", split="test", caption_mode="words")

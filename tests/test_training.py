@@ -64,6 +64,8 @@ def test_overrides_are_typed_by_yaml():
     assert cfg.model.kwargs["image_size"] == 64  # kwargs from the file survive overrides of other keys
 
 
+@pytest.mark.slow
+@pytest.mark.data
 def test_unknown_loss_lists_valid_names(tmp_path):
     cfg = tiny_config(tmp_path, tmp_path, "loss.name=tripplet")
     with pytest.raises(ValueError, match=r"unknown loss 'tripplet'; valid names: .*infonce.*triplet"):
@@ -81,6 +83,8 @@ def test_cosine_schedule_with_warmup():
     assert all(a >= b for a, b in zip(factors[4:], factors[5:]))
 
 
+@pytest.mark.slow
+@pytest.mark.data
 def test_training_improves_heldout_recall_and_exports_a_loadable_model(uninterrupted):
     result, untrained_test = uninterrupted, uninterrupted.untrained_test
     first, last = result.records[0], result.records[-1]
@@ -130,6 +134,8 @@ def test_training_improves_heldout_recall_and_exports_a_loadable_model(uninterru
     assert got["rsum"] == pytest.approx(result.test_final["rsum"], abs=2 * 100 / 64)
 
 
+@pytest.mark.slow
+@pytest.mark.data
 def test_resume_after_interruption_gives_identical_weights(tmp_path, feature_cache, uninterrupted):
     out = tmp_path / "interrupted"
     # 3 batches of 16 per epoch (24 training identities): stop in the middle of epoch 2, then resume to the end
@@ -155,11 +161,15 @@ def test_resume_after_interruption_gives_identical_weights(tmp_path, feature_cac
     assert resumed.records[-1]["loss"] == pytest.approx(uninterrupted.records[-1]["loss"], rel=0, abs=0)
 
 
+@pytest.mark.slow
+@pytest.mark.data
 def test_resume_refuses_a_changed_config(tmp_path, feature_cache, uninterrupted):
     with pytest.raises(ValueError, match=r"config changed since the checkpoint \(optim\.lr"):
         train(tiny_config(uninterrupted.out_dir, feature_cache, "optim.lr=0.5"), resume=True)
 
 
+@pytest.mark.slow
+@pytest.mark.data
 def test_pk_sampler_with_too_few_samples_per_class_is_a_clear_error(tmp_path, feature_cache):
     # emoji identities have 2 images (google, twitter): K = 3 without replacement cannot be sampled
     cfg = load_config(

@@ -66,7 +66,7 @@ def fetch_emoji(root: str | None = None, vendors: Sequence[str] = EMOJI_VENDORS,
     return base
 
 
-def emoji_caption(entry: dict) -> str:
+def emoji_phrases(entry: dict) -> list[str]:
     """``name`` lower-cased, then the short names that add words (``_``/``-`` read as spaces)."""
     name = entry["name"].lower()
     extra = []
@@ -74,7 +74,16 @@ def emoji_caption(entry: dict) -> str:
         text = short.replace("_", " ").replace("-", " ").lower()
         if text != name and text not in extra:
             extra.append(text)
-    return ", ".join([name] + extra)
+    return [name] + extra
+
+
+def emoji_caption(entry: dict) -> str:
+    """The phrases of :func:`emoji_phrases` joined by commas, e.g. "person raising both hands in celebration,
+    raised hands"."""
+    return ", ".join(emoji_phrases(entry))
+
+
+CAPTION_MODES = ("joined", "phrases")
 
 
 def load_emoji(
@@ -84,15 +93,20 @@ def load_emoji(
     test_fraction: float = 0.3,
     seed: int = 0,
     download: bool = False,
+    caption_mode: str = "joined",
     **dataset_kw,
 ) -> ImageTextDataset:
     """The emoji ``ImageTextDataset`` (one image and one caption per identity and vendor); see module docstring.
 
     ``download=True`` runs ``fetch_emoji`` when the data is missing. ``dataset_kw`` go to ``ImageTextDataset``
     (``transform``, ``on_error``, ...). ``categories`` / ``subcategories`` give each identity label's emoji
-    category (10) and subcategory (99), e.g. for hierarchical sampling.
+    category (10) and subcategory (99), e.g. for hierarchical sampling. ``caption_mode="phrases"`` gives each image
+    several captions, one per phrase (the name, then each short name that adds words) instead of one joined caption:
+    more caption variety for training (``data.train_kwargs={caption_mode: phrases}``).
     """
     check_split(split)
+    if caption_mode not in CAPTION_MODES:
+        raise InputError(f"caption_mode must be one of {', '.join(CAPTION_MODES)}, got {caption_mode!r}")
     vendors = list(vendors)
     if not vendors or any(v not in ("google", "twitter", "apple", "facebook") for v in vendors):
         raise InputError(f"vendors must be a non-empty subset of google, twitter, apple, facebook; got {vendors}")
@@ -109,18 +123,20 @@ def load_emoji(
     entries = sorted((e for e in entries if all(e.get(f"has_img_{v}") for v in vendors)), key=lambda e: e["sort_order"])
     test = held_out_classes([e["unified"] for e in entries], test_fraction, seed)
     chosen = [e for e in entries if in_split(e["unified"] in test, split)]
-    images, labels, views, captions = [], [], [], []
+    images, labels, views, captions, caption_image = [], [], [], [], []
     for label, entry in enumerate(chosen):
+        texts = [emoji_caption(entry)] if caption_mode == "joined" else emoji_phrases(entry)
         for vendor in vendors:
             images.append(str(emoji_package_dir(base, vendor) / "img" / vendor / "64" / entry["image"]))
             labels.append(label)
             views.append(vendor)
-            captions.append(emoji_caption(entry))
+            captions += texts
+            caption_image += [len(images) - 1] * len(texts)
     dataset = ImageTextDataset(
         images,
         labels,
         captions,
-        range(len(images)),
+        caption_image,
         image_views=views,
         class_names=[e["name"].lower() for e in chosen],
         name=f"emoji-{split}",

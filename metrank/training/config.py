@@ -61,6 +61,7 @@ class DataConfig:
     val_fraction: float = 0.1
     augment: bool = False  # train transform: random resized crop + colour jitter (+ flip if the dataset allows)
     kwargs: dict[str, Any] = field(default_factory=dict)  # passed to create_dataset for both splits
+    train_kwargs: dict[str, Any] = field(default_factory=dict)  # and these for the training split only
     fetch: bool = True  # fetch the dataset through metrank.data when it is missing
     max_classes: int | None = None  # keep only the first N classes / identities of each split (small runs)
     max_per_class: int | None = None  # and only the first N items (images) of each class

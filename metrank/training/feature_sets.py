@@ -57,7 +57,8 @@ class LabelFeatures:
 def _open(cfg: TrainConfig, split: str) -> Any:
     from metrank import data
 
-    kwargs: dict[str, Any] = dict(root=cfg.data.root, split=split, **cfg.data.kwargs)
+    extra = cfg.data.train_kwargs if split == cfg.data.train_split else {}
+    kwargs: dict[str, Any] = dict(root=cfg.data.root, split=split, **{**cfg.data.kwargs, **extra})
     if "download" in inspect.signature(data.DATASETS.get(cfg.data.dataset)).parameters:
         kwargs.setdefault("download", cfg.data.fetch)
     dataset = data.create_dataset(cfg.data.dataset, **kwargs)
