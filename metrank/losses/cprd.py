@@ -126,7 +126,7 @@ class _HardNegativeDistillation(PairedLoss):
     """Shared part of CPRD and logit distillation: InfoNCE + mining + teacher scoring; subclasses define
     ``distill(student [n, K], teacher [n, K], teacher_pos [n]) -> per-query loss [n]``."""
 
-    teacher: Teacher
+    teacher: Teacher | CachedTeacher
     _infonce: InfoNCELoss | None
 
     def __init__(
@@ -141,15 +141,14 @@ class _HardNegativeDistillation(PairedLoss):
         cache_teacher: bool = False,
     ) -> None:
         super().__init__()
-        if cache_teacher and not isinstance(teacher, CachedTeacher):
-            teacher = CachedTeacher(teacher)
         if k < 1:
             raise InputError(f"k (hard negatives per query) must be >= 1, got {k}")
         if temperature is not None and temperature <= 0:
             raise InputError(f"temperature must be > 0, got {temperature}")
         if memory_size < 0:
             raise InputError(f"memory_size must be >= 0 (0 = in-batch negatives only), got {memory_size}")
-        self.__dict__["teacher"] = teacher  # not a submodule: the student optimiser must not see its parameters
+        scorer = CachedTeacher(teacher) if cache_teacher and not isinstance(teacher, CachedTeacher) else teacher
+        self.__dict__["teacher"] = scorer  # not a submodule: the student optimiser must not see its parameters
         self.k, self.lam, self.temperature, self.distinct = int(k), lam, temperature, bool(distinct)
         self.itc = CrossModalLoss(InfoNCELoss()) if itc is None else itc
         infonce = next((m for m in self.itc.modules() if isinstance(m, InfoNCELoss)), None)
