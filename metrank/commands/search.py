@@ -4,7 +4,10 @@ metrank embed --model lite0-minilm --images photos/ --out emb          # emb.npy
 metrank index my_index --model lite0-minilm --images photos/            # or --texts captions.csv
 metrank index my_index --vectors emb.npy --items emb.jsonl              # from precomputed vectors
 metrank search my_index --text "a red car" -k 5 --filter folder=cars
-metrank serve my_index --port 8000 --api-key SECRET
+metrank serve my_index --port 8000 --api-key SECRET --allowed-host search.example.org
+
+Writes to a saved index (``index`` extending it, HTTP adds/removes under ``serve``) are committed to its SQLite
+store before they are acknowledged; ``serve`` snapshots the index in the background and on Ctrl-C / SIGTERM.
 """
 
 from __future__ import annotations
@@ -87,7 +90,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     search.add_argument("--json", action="store_true", help="print JSON instead of a table")
     search.set_defaults(func=run_search)
 
-    serve = subparsers.add_parser("serve", help="serve a saved index over HTTP (search page at /, docs at /docs)")
+    serve = subparsers.add_parser(
+        "serve", help="serve a saved index over HTTP (search page at /, schema at /openapi.json)"
+    )
     serve.add_argument("directory")
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     serve.add_argument("--port", type=int, default=8000)

@@ -108,7 +108,8 @@ def _under(path: str, root: str) -> bool:
 
 class Retriever:
     """Embed, store, filter and search items (see the module docstring). Thread-safe: searches run concurrently,
-    ``add``/``remove``/``set_hubness`` are exclusive."""
+    ``add``/``remove``/``set_hubness`` are exclusive. Build with :meth:`create` (in memory until the first
+    :meth:`save`) or :meth:`load` (``autocommit=True``: every write is committed before it returns)."""
 
     def __init__(
         self,
@@ -485,8 +486,7 @@ class Retriever:
 
     # ------------------------------------------------------------------------------------------------ lookup
     def get(self, id: int) -> Item:
-        """The stored item (metadata, path, text, vector); ``NotFoundError`` (a ``KeyError``-free ``ValueError``)
-        if unknown."""
+        """The stored item (metadata, path, text, vector); ``NotFoundError`` if unknown."""
         if isinstance(id, bool) or not isinstance(id, (int, np.integer)):
             raise InputError(f"id must be an integer, got {type(id).__name__}")
         item = self.store.get([int(id)]).get(int(id)) if 0 <= int(id) <= INT64_MAX else None
