@@ -12,8 +12,7 @@ features (EfficientNet-Lite0 pooled 1280-d, MiniLM mean-pooled 384-d, from the t
   in-batch negatives, ``cprd`` = InfoNCE + the CPRD chain over the same K (metrank's ``CPRDLoss`` /
   ``LogitDistillationLoss``, λ ∈ ``--lams`` (1 and 0.1: a sensitivity check, not a selection), paper normalisation, one slot per identity, the chain over the teacher's
   top ``--max-length`` = 4 of the K: the paper's partial ranking, the other 4 only normalise).
-* **teachers**, trained once per dataset on the training split only and frozen (scores cached by
-  :class:`metrank.losses.teachers.CachedTeacher`):
+* **teachers**, trained once per dataset on the training split only and frozen:
   ``mlp`` — a bigger dual encoder on the 128-px features (2-layer MLP towers, 1024 hidden, 512-d, InfoNCE, 4× the
   student's epochs), cosine scores; ``cross`` — :class:`metrank.losses.teachers.CrossAttentionTeacher` over the two pooled features,
   trained with its image-text matching loss on negatives mined by the ``mlp`` teacher's similarities (ALBEF-style),
@@ -43,7 +42,7 @@ from torch import nn
 from tqdm import tqdm
 
 from metrank.losses import CPRDLoss, CrossModalLoss, InfoNCELoss, LogitDistillationLoss
-from metrank.losses.teachers import CachedTeacher, CrossAttentionTeacher
+from metrank.losses.teachers import CrossAttentionTeacher
 from metrank.samplers import UniqueIdBatchSampler
 
 CONFIGS = {"emoji": "train/configs/emoji_image_text.yaml", "tuxpaint": "train/configs/tuxpaint_image_text.yaml"}
@@ -169,7 +168,7 @@ def train_teachers(train: Pairs, args, epochs: int):
     return towers, scale, cross.eval().requires_grad_(False)
 
 
-def student_loss(method: str, teacher: CachedTeacher | None, lam: float, max_length: int) -> nn.Module:
+def student_loss(method: str, teacher: PairScorer | None, lam: float, max_length: int) -> nn.Module:
     """KD's teacher softmax temperature is 1: the teacher's scores are already logits (s_mlp / tau_mlp [+ ITM])."""
     if method == "none":
         return CrossModalLoss(InfoNCELoss())
@@ -227,8 +226,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             [(r, s) for r in runs for s in args.seeds], desc=f"{dataset} students"
         ):
             teacher = None
-            if teacher_name is not None:
-                teacher = CachedTeacher(PairScorer(towers, scale, train, cross if teacher_name == "cross" else None))
+            if teacher_name is not None:  # cheap to score (precomputed embeddings): no CachedTeacher needed, and
+                # its (identity, caption) key would conflate the two vendor images of one emoji identity
+                teacher = PairScorer(towers, scale, train, cross if teacher_name == "cross" else None)
             loss = student_loss(method, teacher, lam, args.max_length)
             student = Towers(student_train.image.shape[1], student_train.text.shape[1], STUDENT_DIM)
             train_towers(student_train, loss, student, args, seed, args.epochs, distill=teacher is not None)

@@ -29,7 +29,8 @@ Paired form: ``loss(image_emb, text_emb, ids, images=None, texts=None, text_ids=
 embedding matrices is a matching pair, ``ids`` the image id of each row, ``images``/``texts`` the teacher's inputs
 for the same rows (anything :func:`metrank.losses.teachers.take_rows` indexes; tensors or tuples of tensors with a
 memory queue), ``text_ids`` the caption id of each row (needed for a :class:`metrank.losses.teachers.CachedTeacher`,
-which caches by (image id, text id)). Teacher scores are computed without gradient; the teacher is not a submodule
+which caches by (id, text id): valid when rows sharing an id show the same image; where an id groups several images,
+e.g. one emoji drawn by two vendors, score without the cache). Teacher scores are computed without gradient; the teacher is not a submodule
 of the loss (its parameters stay out of ``loss.parameters()``). The distillation term uses this rank's queries
 against this rank's batch plus the (global) queue; the InfoNCE term handles DDP itself.
 """
