@@ -19,8 +19,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from metrank.metrics import format_table
 from metrank.training import Trainer, load_config
-from metrank.training.baselines import eval_views, frozen_baselines, view_metrics
+from metrank.training.baselines import eval_views, frozen_baselines, ridge_transfer, view_metrics
 from metrank.training.trainer import embed_rows
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,6 +51,26 @@ def command(config: str, overrides: Sequence[str]) -> str:
 
 def run_baseline(config: str) -> dict[str, dict[str, float]]:
     return frozen_baselines(load_config(REPO / config))
+
+
+def zero_shot(model_path: Path, source: str, target: str) -> list[dict[str, Any]]:
+    """Rows of the zero-shot transfer table: the trained model (``model_path``, trained on ``source``) and the ridge
+    map fitted on ``source``'s frozen features, both evaluated on ``target``'s test split (never trained on)."""
+    from metrank.encoders import load_checkpoint
+    from metrank.metrics import image_text_metrics
+    from metrank.training.feature_sets import open_dataset, select_rows
+
+    cfg = load_config(REPO / target)
+    sel = select_rows(cfg, open_dataset(cfg, cfg.data.eval_split), "test")
+    model = load_checkpoint(model_path)
+    images = model.embed_images([sel.load_image(i) for i in range(len(sel.image_index))], progress=False)
+    texts = model.embed_texts(sel.captions or [], progress=False)
+    trained = image_text_metrics(images, texts, sel.caption_image, image_labels=sel.image_ids, progress=False)
+    ridge = ridge_transfer(load_config(REPO / source), cfg)
+    return [
+        {"name": f"{model_path.parent.name} (trained on {Path(source).stem})", "metrics": trained},
+        {"name": f"frozen ridge fitted on {Path(source).stem}", "metrics": ridge},
+    ]
 
 
 def fmt(value: Any) -> str:
@@ -164,7 +185,24 @@ def main(argv: Sequence[str] = None) -> int:
     parser.add_argument("--out", default=str(REPO / "assets"), help="where the table and plot go")
     parser.add_argument("--runs", default="runs/results", help="output.dir parent of the training runs")
     parser.add_argument("--no-baselines", action="store_true")
+    parser.add_argument(
+        "--zero-shot",
+        metavar="MODEL",
+        help="only the transfer check: MODEL (an emoji-trained model_best.pt) and the emoji ridge map, zero-shot on "
+        "the Tux Paint test split; writes <out>/zero_shot_tuxpaint.md",
+    )
     args = parser.parse_args(argv)
+    if args.zero_shot:
+        rows = zero_shot(Path(args.zero_shot), EMOJI, "train/configs/tuxpaint_image_text.yaml")
+        table = format_table([r["metrics"] for r in rows], names=[r["name"] for r in rows])
+        print(table)
+        out = Path(args.out) / "zero_shot_tuxpaint.md"
+        out.write_text(
+            "# Zero-shot transfer: emoji-trained -> Tux Paint test split (recalls in percent)\n\n"
+            f"`python eval/train_results.py --zero-shot {args.zero_shot}`\n\n```\n{table}\n```\n"
+        )
+        print(f"wrote {out}")
+        return 0
 
     baselines: list[dict[str, Any]] = []
     if not args.no_baselines:

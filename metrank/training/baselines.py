@@ -107,3 +107,23 @@ def frozen_baselines(cfg: TrainConfig) -> dict[str, dict[str, float]]:
     device = select_device(cfg.train.device)
     model = create_model(cfg.model.name, pretrained=cfg.model.pretrained, **cfg.model.kwargs).to(device).eval()
     return (image_text_baseline if cfg.task == "image_text" else metric_baseline)(cfg, model, device)
+
+
+def ridge_transfer(source: TrainConfig, target: TrainConfig) -> dict[str, float]:
+    """Zero-shot transfer of the ridge baseline: the map (and centring) fitted on the frozen features of
+    ``source``'s training split (lambda chosen there as in :func:`image_text_baseline`), applied to ``target``'s test
+    split. Both configs must use the same model (the same frozen backbones)."""
+    from metrank.encoders import create_model
+
+    device = select_device(source.train.device)
+    model = create_model(source.model.name, pretrained=source.model.pretrained, **source.model.kwargs).to(device)
+    model.eval()
+    train_sel = select_rows(source, open_dataset(source, source.data.train_split), "train")
+    fit_sel, val_sel = carve_validation(train_sel, 0.2, source.train.seed)
+    assert val_sel is not None
+    fit, val, train = (cast(PairFeatures, features(model, s, source, device)) for s in (fit_sel, val_sel, train_sel))
+    scores = {lam: ridge_metrics(fit, val, lam, source.eval.ks)["t2i_R@1"] for lam in LAMBDAS}
+    best = max(scores, key=lambda lam: scores[lam])
+    test_sel = select_rows(target, open_dataset(target, target.data.eval_split), "test")
+    test = cast(PairFeatures, features(model, test_sel, target, device))
+    return ridge_metrics(train, test, best, target.eval.ks)
