@@ -113,9 +113,11 @@ def test_resume_is_bit_exact_in_every_mode(overrides, tmp_path, cache):
         (("model.text.mode=lora", "model.text.lora_targets=[nothing_here]"), r"set model\.text\.lora_targets to"),
         (("model.image.mode=lora", "model.image.lora_targets=[conv_dw]"), r"depthwise.*conv_pw"),
         (("train.grad_cache=4",), r"nothing to chunk"),
+        (("data.augment=true",), r"data\.augment has no effect.*model\.image\.mode"),
+        (("model.kwargs.freeze_image=true",), r"set model\.image\.mode"),
         (("loss.name=cprd", "loss.teacher.checkpoint=TEACHER"), r"trained on other features.*checkpoint=null"),
     ],
-    ids=["blocks", "lora-targets", "lora-depthwise", "gradcache-heads", "teacher"],
+    ids=["blocks", "lora-targets", "lora-depthwise", "gradcache-heads", "augment-heads", "freeze-kwargs", "teacher"],
 )
 def test_bad_settings_are_config_errors_naming_the_fix(overrides, message, tmp_path, cache):
     if "loss.teacher.checkpoint=TEACHER" in overrides:  # a teacher trained on 64-d features of another model

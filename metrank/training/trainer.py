@@ -364,6 +364,17 @@ class Trainer:
                 "train.grad_cache chunks encoder forwards, but both towers train heads only on cached features "
                 "(nothing to chunk: such batches fit in memory); drop train.grad_cache or set model.<tower>.mode"
             )
+        frozen = sorted(k for k in cfg.model.kwargs if k.startswith(("freeze_", "unfreeze_")))
+        if frozen:
+            raise ConfigError(
+                f"model.kwargs {frozen} do not choose what trains here; set model.image.mode / model.text.mode "
+                "(heads, last_n with blocks, lora, full) instead"
+            )
+        if cfg.data.augment and cfg.model.image.mode == "heads":
+            raise ConfigError(
+                "data.augment has no effect when the image tower trains heads only (they train on cached features "
+                "of the eval transform); set model.image.mode to last_n, lora or full, or data.augment=false"
+            )
         acc = cfg.train.accumulate
         for key, value in (
             ("train.max_steps", cfg.train.max_steps),
