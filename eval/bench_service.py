@@ -94,6 +94,7 @@ def crash_trials(trials: int, dim: int = 16, writers: int = 4, seed: int = 0) ->
         present[i] = loaded.get(i).vector.copy()
     loaded.close()
     totals = {"trials": 0, "acked_adds": 0, "acked_removes": 0, "snapshots_acked": 0}
+    killed_in: dict[str, int] = {"add": 0, "remove": 0, "save": 0}  # requests cut off by the kills
     bad = {"lost_adds": 0, "wrong_vectors": 0, "resurrected_removes": 0, "id_mismatch_restarts": 0}
     for trial in tqdm(range(trials), desc="crash trials", unit="trial"):
         proc, url = start_server(directory, snapshot_every=chooser.choice([3, 10, 50]))
@@ -108,6 +109,7 @@ def crash_trials(trials: int, dim: int = 16, writers: int = 4, seed: int = 0) ->
             session = requests.Session()
             while not stop.is_set():
                 action = local.random()
+                kind = "add" if action < 0.6 else "remove" if action < 0.95 else "save"
                 try:
                     if action < 0.6:
                         vectors = _unit(local, int(local.integers(1, 20)), dim)
@@ -135,8 +137,10 @@ def crash_trials(trials: int, dim: int = 16, writers: int = 4, seed: int = 0) ->
                         session.post(f"{url}/save", json={}, timeout=30).raise_for_status()
                         with lock:
                             totals["snapshots_acked"] += 1
-                except requests.RequestException:
-                    return  # the server was killed mid-request: this request was never acknowledged
+                except requests.RequestException:  # the server was killed mid-request: never acknowledged
+                    with lock:
+                        killed_in[kind] += 1
+                    return
 
         threads = [threading.Thread(target=writer, args=(w,)) for w in range(writers)]
         for t in threads:
@@ -166,7 +170,7 @@ def crash_trials(trials: int, dim: int = 16, writers: int = 4, seed: int = 0) ->
         present = {i: loaded.get(i).vector.copy() for i in stored}
         loaded.close()
     shutil.rmtree(directory, ignore_errors=True)
-    return {**totals, **bad}
+    return {**totals, **{f"killed_in_{k}": v for k, v in killed_in.items()}, **bad}
 
 
 def sigterm_check(dim: int = 16) -> dict:
