@@ -155,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"drop {int(100 * args.rates[0])}→{int(100 * args.rates[-1])}%",
     ]
     note = (
-        f"Recall@1 (%) on the clean test split, mean ± std over seeds {args.seeds}; linear head on frozen Lite0 "
+        f"Recall@1 (%) on the clean test split, mean ± std over seeds {args.seeds}; MLP head (1280→512→128) on frozen Lite0 "
         f"features, symmetric label noise on the training split. Command: `python eval/exp_label_noise.py "
         f"{' '.join(argv or sys.argv[1:])}` ({time.perf_counter() - start:.0f} s on a shared 2-core CPU).\n\n"
     )
