@@ -108,6 +108,17 @@ def test_host_allow_list_stops_dns_rebinding(service):
         assert requests.get(f"{url}/health", headers={"Host": host}).status_code == 200
 
 
+def test_declared_hosts_are_answered():
+    r = Retriever.create(dim=DIM)
+    with BackgroundServer(create_app(r, allowed_hosts=["search.example.org"])) as url:
+        assert requests.get(f"{url}/health", headers={"Host": "search.example.org:443"}).status_code == 200
+        assert requests.get(f"{url}/health", headers={"Host": "other.example.org"}).status_code == 421
+        origin = {"Origin": "https://search.example.org"}
+        assert requests.post(f"{url}/items", json={"vectors": [[1.0] * DIM]}, headers=origin).status_code == 200
+    with BackgroundServer(create_app(r, allowed_hosts=["*"])) as url:
+        assert requests.get(f"{url}/health", headers={"Host": "anything.example"}).status_code == 200
+
+
 def test_page_headers_and_offline_docs(service):
     url, _ = service
     page = requests.get(f"{url}/")

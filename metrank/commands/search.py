@@ -313,6 +313,8 @@ def run_serve(args: argparse.Namespace) -> int:
     retriever = Retriever.load(args.directory)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can add and remove items")
+    if args.host in ("0.0.0.0", "::") and not args.allowed_host:
+        print("note: only loopback host names are answered; add --allowed-host NAME for the names clients use")
     print(f"serving {args.directory} ({len(retriever)} items) at http://{args.host}:{port}/ (schema: /openapi.json)")
     serve(
         retriever,
