@@ -3,7 +3,8 @@
 - **Host allow-list** (DNS rebinding): a page on ``attacker.example`` that re-resolves its name to 127.0.0.1 talks
   to the service with ``Host: attacker.example``; only the bound names (loopback by default) are answered, others
   get 421.
-- **API key**: with ``api_key`` every path but the page, its static files and ``/health`` needs ``X-API-Key``.
+- **API key**: with ``api_key`` every path but the page, its static files, ``/health`` and the schema needs
+  ``X-API-Key``.
 - **Body limits**: bodies larger than ``max_request_bytes`` (JSON) or ``max_upload_bytes`` (multipart) get 413, by
   ``Content-Length`` before reading and by counting while streaming otherwise.
 - **Headers**: every response carries ``X-Content-Type-Options: nosniff``, a same-origin Content-Security-Policy,
@@ -23,7 +24,7 @@ from fastapi import Request
 
 from metrank.search.server.errors import HTTPError
 
-PUBLIC_PATHS = ("/", "/health", "/favicon.ico")
+PUBLIC_PATHS = ("/", "/health", "/openapi.json", "/favicon.ico")
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 WILDCARD_BINDS = ("0.0.0.0", "::", "")
 CSP = (
