@@ -66,3 +66,21 @@ def test_autocommit_false_keeps_writes_until_commit(tmp_path):
     bulk.add(vectors=vectors[4:], progress=False)  # never committed
     bulk.store._db.close()  # the process dies: the open transaction is rolled back
     assert Retriever.load(str(tmp_path)).store.all_ids().tolist() == [0, 1, 2, 3]
+
+
+def test_rows_the_snapshot_lacks_are_recovered(tmp_path):
+    """A second writer on the same folder (unsupported) numbers its writes like the first; its rows still load."""
+    vectors = np.eye(8, dtype=np.float32)
+    r = Retriever.create(dim=8)
+    r.add(vectors=vectors[:2], progress=False)
+    r.save(str(tmp_path))
+    r.close()
+    first, second = Retriever.load(str(tmp_path)), Retriever.load(str(tmp_path))
+    first.add(vectors=vectors[2:4], progress=False)
+    second.add(vectors=vectors[4:6], ids=[10, 11], progress=False)
+    first.save()  # its snapshot claims every write up to its own count, without the second's rows
+    first.close()
+    second.close()
+    loaded = Retriever.load(str(tmp_path))
+    assert loaded.store.all_ids().tolist() == [0, 1, 2, 3, 10, 11]
+    assert loaded.search(vector=vectors[5], k=1)[0].id == 11

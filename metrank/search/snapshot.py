@@ -11,7 +11,7 @@ Layout of a saved retriever ``DIR/``::
 A snapshot folder is written under a temporary name, fsync-ed, renamed, and only then does ``MANIFEST.json`` switch
 to it; a process killed at any moment leaves the previous snapshot intact. Loading opens the snapshot the manifest
 names, checks its checksums, and replays the store's rows written after the snapshot (:func:`replay_plan`); ids
-removed since are dropped from the index. Damage is reported as a :class:`~metrank.errors.StateError` naming the
+removed since are dropped from the index. One process writes a folder at a time (``metrank serve`` or a script). Damage is reported as a :class:`~metrank.errors.StateError` naming the
 file and what to do.
 """
 
@@ -206,11 +206,22 @@ def open_store(directory: str, dim: int, autocommit: bool) -> ItemStore:
 def replay_plan(store: ItemStore, index_ids: np.ndarray, seq: int) -> tuple[np.ndarray, dict]:
     """What brings an index snapshot taken at write ``seq`` up to date with ``store``: ``(ids to drop from the
     index, {modality: (ids, vectors) to add})``. Dropped: ids no longer stored, and ids re-added after the
-    snapshot (their vectors may have changed)."""
+    snapshot (their vectors may have changed). Added: rows written after the snapshot, and any other stored row the
+    index lacks (written by a second process on the same folder, which is not supported but is recovered here)."""
     added = store.added_since(seq)
     readded = np.concatenate([ids for ids, _ in added.values()] or [np.empty(0, np.int64)])
-    gone = np.setdiff1d(index_ids, store.all_ids())
-    return np.union1d(gone, np.intersect1d(index_ids, readded)), added
+    stored = store.all_ids()
+    drop = np.union1d(np.setdiff1d(index_ids, stored), np.intersect1d(index_ids, readded))
+    missing = np.setdiff1d(np.setdiff1d(stored, index_ids), readded)
+    if missing.size:
+        items = store.get(missing.tolist())
+        for modality in {item.modality for item in items.values()}:
+            ids = np.array(sorted(i for i, item in items.items() if item.modality == modality), dtype=np.int64)
+            vectors = np.stack([np.asarray(items[int(i)].vector) for i in ids])
+            if modality in added:
+                ids, vectors = np.concatenate([added[modality][0], ids]), np.concatenate([added[modality][1], vectors])
+            added[modality] = (ids, vectors)
+    return drop, added
 
 
 # ------------------------------------------------------------------------------------------------ the model
