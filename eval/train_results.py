@@ -55,20 +55,20 @@ def run_baseline(config: str) -> dict[str, dict[str, float]]:
     return frozen_baselines(load_config(REPO / config))
 
 
-def zero_shot(model_path: Path, source: str, target: str) -> list[dict[str, Any]]:
+def zero_shot(model_path: Path, source: str, target: str, overrides: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Rows of the zero-shot transfer table: the trained model (``model_path``, trained on ``source``) and the ridge
     map fitted on ``source``'s frozen features, both evaluated on ``target``'s test split (never trained on)."""
     from metrank.encoders import load_checkpoint
     from metrank.metrics import image_text_metrics
     from metrank.training.feature_sets import open_dataset, select_rows
 
-    cfg = load_config(REPO / target)
+    cfg = load_config(REPO / target, overrides)
     sel = select_rows(cfg, open_dataset(cfg, cfg.data.eval_split), "test")
     model = load_checkpoint(model_path)
     images = model.embed_images([sel.load_image(i) for i in range(len(sel.image_index))], progress=False)
     texts = model.embed_texts(sel.captions or [], progress=False)
     trained = image_text_metrics(images, texts, sel.caption_image, image_labels=sel.image_ids, progress=False)
-    ridge = ridge_transfer(load_config(REPO / source), cfg)
+    ridge = ridge_transfer(load_config(REPO / source, overrides), cfg)
     return [
         {"name": f"{model_path.parent.name} (trained on {Path(source).stem})", "metrics": trained},
         {"name": f"frozen ridge fitted on {Path(source).stem}", "metrics": ridge},
@@ -194,9 +194,10 @@ def main(argv: Sequence[str] = None) -> int:
         help="only the transfer check: MODEL (an emoji-trained model_best.pt) and the emoji ridge map, zero-shot on "
         "the Tux Paint test split; writes <out>/zero_shot_tuxpaint.md",
     )
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for --zero-shot configs")
     args = parser.parse_args(argv)
     if args.zero_shot:
-        rows = zero_shot(Path(args.zero_shot), EMOJI, "train/configs/tuxpaint_image_text.yaml")
+        rows = zero_shot(Path(args.zero_shot), EMOJI, "train/configs/tuxpaint_image_text.yaml", args.set)
         table = format_table([r["metrics"] for r in rows], names=[r["name"] for r in rows])
         print(table)
         out = Path(args.out) / "zero_shot_tuxpaint.md"
