@@ -47,16 +47,14 @@ def module_fingerprint(module: torch.nn.Module) -> str:
 def image_fingerprint(model: Any) -> str:
     """What image features depend on: the eval transform (its ``repr``) and the image backbone (exact weights and
     layer settings). Models differing only in their heads share cached features."""
-    backbone = getattr(model, "image_backbone", model)
-    return hashlib.sha1(f"{model.image_transform!r}|{module_fingerprint(backbone)}".encode()).hexdigest()
+    return hashlib.sha1(f"{model.image_transform!r}|{module_fingerprint(model.image_backbone)}".encode()).hexdigest()
 
 
 def text_fingerprint(model: Any) -> str:
     """What text features depend on: the tokenizer (token ids of a probe sentence) and the text backbone."""
     tokens = model.tokenize(["a probe sentence: grinning face with smiling eyes, 42 red apples"])
     ids = tokens if isinstance(tokens, torch.Tensor) else torch.cat([v.flatten() for v in dict(tokens).values()])
-    backbone = getattr(model, "text_backbone", model)
-    return hashlib.sha1(f"{ids.tolist()}|{module_fingerprint(backbone)}".encode()).hexdigest()
+    return hashlib.sha1(f"{ids.tolist()}|{module_fingerprint(model.text_backbone)}".encode()).hexdigest()
 
 
 def feature_cache_key(fingerprint: str, description: dict[str, Any]) -> str:

@@ -62,7 +62,7 @@ def _open(cfg: TrainConfig, split: str) -> Any:
     if "download" in inspect.signature(data.DATASETS.get(cfg.data.dataset)).parameters:
         kwargs.setdefault("download", cfg.data.fetch)
     dataset = data.create_dataset(cfg.data.dataset, **kwargs)
-    if cfg.task == "metric" and hasattr(dataset, "image_dataset"):
+    if cfg.task == "metric" and isinstance(dataset, ImageTextDataset):
         dataset = dataset.image_dataset()  # image-text data used for class-label retrieval: labels = identities
     return dataset
 

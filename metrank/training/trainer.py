@@ -270,7 +270,7 @@ class Trainer:
 
         self.model = create_model(cfg.model.name, pretrained=cfg.model.pretrained, **cfg.model.kwargs)
         self.has_text = cfg.task == "image_text"
-        if self.has_text and not getattr(self.model, "has_text", False):
+        if self.has_text and not self.model.has_text:
             raise InputError(f"task=image_text needs a two-tower model with a text tower; {cfg.model.name!r} has none")
         self.model.to(self.device).eval()
         self.specs = {"image": cfg.model.image, "text": cfg.model.text}
