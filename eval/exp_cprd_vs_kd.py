@@ -154,6 +154,8 @@ def train_teachers(train: Pairs, args, epochs: int):
     itc = CrossModalLoss(InfoNCELoss())
     train_towers(train, itc, towers, args, 1234, epochs, distill=False)
     scale = float(itc.loss.scale.detach())
+    if args.no_cross:
+        return towers, scale, None
     cross = CrossAttentionTeacher(train.image.shape[1], train.text.shape[1], width=256, depth=2, heads=4)
     opt = torch.optim.AdamW(cross.parameters(), lr=5e-4, weight_decay=0.05)
     gen = torch.Generator().manual_seed(1234)
@@ -168,13 +170,15 @@ def train_teachers(train: Pairs, args, epochs: int):
     return towers, scale, cross.eval().requires_grad_(False)
 
 
-def student_loss(method: str, teacher: PairScorer | None, lam: float, max_length: int) -> nn.Module:
+def student_loss(
+    method: str, teacher: PairScorer | None, lam: float, max_length: int, normalise: str = "all"
+) -> nn.Module:
     """KD's teacher softmax temperature is 1: the teacher's scores are already logits (s_mlp / tau_mlp [+ ITM])."""
     if method == "none":
         return CrossModalLoss(InfoNCELoss())
     if method == "logit_kd":
         return LogitDistillationLoss(teacher, k=K, lam=lam, teacher_temperature=1.0)
-    return CPRDLoss(teacher, k=K, lam=lam, max_length=max_length)
+    return CPRDLoss(teacher, k=K, lam=lam, max_length=max_length, normalise=normalise)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -191,6 +195,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--teachers", nargs="+", default=["mlp"], choices=["mlp", "cross"])
     parser.add_argument("--student-size", type=int, default=64, help="image size of the student's frozen features")
+    parser.add_argument(
+        "--normalise", nargs="+", default=["all"], choices=["all", "prefix"], help="CPRD chain denominators"
+    )
+    parser.add_argument("--no-cross", action="store_true", help="skip training the cross-attention teacher")
     parser.add_argument("--out", default="exp_cprd_vs_kd", help="file stem under assets/")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -210,37 +218,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         towers, scale, cross = train_teachers(train, args, 4 * args.epochs)
         teacher_r1 = {"mlp": recall_at_1(tower_scores(towers, test_feats), ids, cap)}
-        teacher_r1["cross"] = recall_at_1(
-            scale * tower_scores(towers, test_feats) + cross_scores(cross, test_feats), ids, cap
-        )
-        teacher_r1["cross-attention head alone"] = recall_at_1(cross_scores(cross, test_feats), ids, cap)
+        if cross is not None:
+            teacher_r1["cross"] = recall_at_1(
+                scale * tower_scores(towers, test_feats) + cross_scores(cross, test_feats), ids, cap
+            )
+            teacher_r1["cross-attention head alone"] = recall_at_1(cross_scores(cross, test_feats), ids, cap)
         for name, r in teacher_r1.items():
             label = {"mlp": "teacher: MLP dual encoder", "cross": "teacher: MLP + cross-attention re-ranker"}.get(
                 name, f"(teacher part: {name})"
             )
             table_rows.append([dataset, label, f"{r['t2i']:.1f}", f"{r['i2t']:.1f}", "1 run"])
-        runs = [("none", None, 0.0)] + [
-            (m, t, lam) for t in args.teachers for lam in args.lams for m in ("logit_kd", "cprd")
-        ]
-        for (method, teacher_name, lam), seed in tqdm(
+        runs = [("none", None, 0.0, "")]
+        for t in args.teachers:
+            for lam in args.lams:
+                runs.append(("logit_kd", t, lam, ""))
+                runs += [("cprd", t, lam, normalise) for normalise in args.normalise]
+        for (method, teacher_name, lam, normalise), seed in tqdm(
             [(r, s) for r in runs for s in args.seeds], desc=f"{dataset} students"
         ):
             teacher = None
             if teacher_name is not None:  # cheap to score (precomputed embeddings): no CachedTeacher needed, and
                 # its (identity, caption) key would conflate the two vendor images of one emoji identity
                 teacher = PairScorer(towers, scale, train, cross if teacher_name == "cross" else None)
-            loss = student_loss(method, teacher, lam, args.max_length)
+            loss = student_loss(method, teacher, lam, args.max_length, normalise or "all")
             student = Towers(student_train.image.shape[1], student_train.text.shape[1], STUDENT_DIM)
             train_towers(student_train, loss, student, args, seed, args.epochs, distill=teacher is not None)
             r = recall_at_1(tower_scores(student, student_test_feats), ids, cap)
-            results.setdefault((dataset, method, teacher_name, lam), []).append(r)
-        for (ds, method, teacher_name, lam), values in results.items():
+            results.setdefault((dataset, method, teacher_name, lam, normalise), []).append(r)
+        for (ds, method, teacher_name, lam, normalise), values in results.items():
             if ds != dataset:
                 continue
             label = (
                 "student: InfoNCE only"
                 if method == "none"
-                else f"student: {method}, λ = {lam} ({teacher_name} teacher)"
+                else f"student: {method}{f' ({normalise})' if normalise else ''}, λ = {lam} ({teacher_name} teacher)"
             )
             table_rows.append(
                 [
@@ -274,7 +285,7 @@ def plot(results, args, path) -> None:
     fig, axes = plt.subplots(1, len(args.datasets), figsize=(5.5 * len(args.datasets), 3.6), squeeze=False)
     for ax, dataset in zip(axes[0], args.datasets):
         keys = [key for key in results if key[0] == dataset]
-        labels = ["none" if m == "none" else f"{m}\nλ={lam}" for _, m, t, lam in keys]
+        labels = ["none" if m == "none" else f"{m}{'/' + z if z else ''}\nλ={lam}" for _, m, t, lam, z in keys]
         for offset, direction in ((-0.2, "t2i"), (0.2, "i2t")):
             means = [np.mean([v[direction] for v in results[key]]) for key in keys]
             stds = [
