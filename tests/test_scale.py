@@ -3,6 +3,8 @@ against their single-process counterparts."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -50,3 +52,86 @@ def test_sharded_metrics_equal_single_process_metrics(ray_cluster):
         assert sharded_metrics(x, labels, ks=(1, 10), map_at_r=False) == expected  # leave-one-out
     with pytest.raises(ValueError, match="gallery shard 1 has dimension 8"):
         sharded_metrics(query, q_labels, [shards[0], (np.ones((5, 8), np.float32), np.zeros(5, np.int64))])
+
+
+# ---- sharded index build ---------------------------------------------------------------------------------------------
+def write_shards(folder, x, bounds, ids=None):
+    from metrank.scale.shards import write_shard
+
+    ids = np.arange(len(x)) if ids is None else ids
+    folder.mkdir(exist_ok=True)
+    for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+        write_shard(str(folder / f"shard-{k:05d}.parquet"), ids[lo:hi], x[lo:hi], [f"item {i}" for i in ids[lo:hi]])
+    return folder
+
+
+def test_merged_sharded_ivf_index_equals_one_built_in_one_process(ray_cluster, tmp_path):
+    from metrank.index import create_index
+    from metrank.scale.index import build_index, load_index
+
+    x, _ = clustered(3000, 16, 40, seed=1)
+    shards = write_shards(tmp_path / "emb", x, [0, 1200, 1201, 3000])
+    merged = build_index(str(shards), str(tmp_path / "index"), spec="IVF32,Flat", train_size=10_000)
+    single = create_index("IVF32,Flat", 16, device="cpu")
+    single.train(x, max_train=None)  # the build trained on every vector too (train_size >= N), in shard order
+    single.add(x, np.arange(len(x)))
+    loaded = load_index(str(tmp_path / "index"), device="cpu")
+    for index in (merged, loaded):
+        index.nprobe = single.nprobe = 4
+        scores, ids = index.search(x[:300], 10)
+        expected_scores, expected_ids = single.search(x[:300], 10)
+        np.testing.assert_array_equal(ids, expected_ids)
+        np.testing.assert_array_equal(scores, expected_scores)
+    assert loaded.ntotal == 3000
+
+
+def test_sharded_index_bad_input_and_interrupted_build(ray_cluster, tmp_path):
+    from metrank.errors import InputError, StateError
+    from metrank.scale.index import MARKER, build_index, load_index
+    from metrank.scale.shards import write_shard
+
+    x, _ = clustered(400, 8, 10, seed=2)
+    duplicated = write_shards(tmp_path / "dup", x, [0, 200, 400], ids=np.r_[np.arange(200), np.arange(150, 350)])
+    with pytest.raises(InputError, match="ids occur in more than one row"):
+        build_index(str(duplicated), str(tmp_path / "i1"), spec="IVF4,Flat")
+    mixed = write_shards(tmp_path / "mixed", x, [0, 200, 400])
+    write_shard(str(mixed / "shard-00001.parquet"), np.arange(200, 400), np.ones((200, 6), np.float32), ["x"] * 200)
+    with pytest.raises(InputError, match="dimension 6 but the other shards have 8"):
+        build_index(str(mixed), str(tmp_path / "i2"), spec="IVF4,Flat")
+    good = write_shards(tmp_path / "good", x, [0, 200, 400])
+    build_index(str(good), str(tmp_path / "i3"), spec="Flat")
+    assert load_index(str(tmp_path / "i3"), device="cpu").ntotal == 400
+    (tmp_path / "i3" / MARKER).unlink()  # as if the build had been killed before its last step
+    with pytest.raises(StateError, match="no finished index"):
+        load_index(str(tmp_path / "i3"))
+
+
+# ---- embedding ------------------------------------------------------------------------------------------------------
+EMOJI = Path.home() / ".cache/metrank/emoji/emoji-datasource-google/package/img/google/64"
+
+
+@pytest.mark.data
+def test_sharded_embedding_equals_in_process_embedding_and_resumes(ray_cluster, tmp_path):
+    from metrank.encoders import create_model
+    from metrank.errors import InputError
+    from metrank.scale.embed import embed
+    from metrank.scale.shards import read_shards
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for path in sorted(EMOJI.glob("*.png"))[:12]:
+        (images / path.name).write_bytes(path.read_bytes())
+    model = create_model("lite0-minilm")
+    expected = model.embed_images(sorted(str(p) for p in images.glob("*.png")), progress=False)
+    manifest = embed(str(images), str(tmp_path / "emb"), model, num_workers=2, shard_size=5, batch_size=4)
+    assert manifest["n_items"] == 12 and manifest["skipped"] == 0 and len(manifest["shards"]) == 3
+    ids, vectors, sources = read_shards(str(tmp_path / "emb"))
+    np.testing.assert_array_equal(ids, np.arange(12))
+    np.testing.assert_allclose(vectors, expected, atol=1e-6)
+    assert sources == sorted(str(p) for p in images.glob("*.png"))
+    (tmp_path / "emb" / "shard-00001.parquet").unlink()  # an interrupted job: one shard never written
+    again = embed(str(images), str(tmp_path / "emb"), model, num_workers=1, shard_size=5, batch_size=4)
+    assert again["skipped"] == 2
+    np.testing.assert_allclose(read_shards(str(tmp_path / "emb"))[1], expected, atol=1e-6)
+    with pytest.raises(InputError, match="GPUs were asked for but the Ray cluster has 0"):
+        embed(str(images), str(tmp_path / "gpu"), model, use_gpu=True)

@@ -1,0 +1,92 @@
+"""Embedding shards on disk: Parquet files of (id int64, embedding float32[dim], source string), one per shard.
+
+Every shard is written through ``metrank.atomic`` (a temporary file, then ``os.replace``), so a shard file that
+exists is complete: an interrupted job leaves finished shards and no partial ones, and a rerun skips them.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from metrank.atomic import atomic_path
+from metrank.errors import InputError, MissingFileError
+
+SHARD_PATTERN = "shard-{:05d}.parquet"
+
+
+def write_shard(path: str, ids: np.ndarray, vectors: np.ndarray, sources: Sequence[str]) -> None:
+    """Write one shard atomically."""
+    vectors = np.ascontiguousarray(vectors, np.float32)
+    embedding = pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), vectors.shape[1])
+    table = pa.table({"id": pa.array(np.asarray(ids, np.int64)), "embedding": embedding, "source": list(sources)})
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def read_shard(
+    path: str, dim: int | None = None, columns: Sequence[str] = ("id", "embedding", "source")
+) -> tuple[np.ndarray, np.ndarray | None, list[str] | None]:
+    """``(ids, vectors [n, dim] float32, sources)`` of one shard (``None`` for columns not read); ``InputError``
+    when its embeddings are not ``dim`` wide."""
+    try:
+        table = pq.read_table(path, columns=list(columns))
+    except (OSError, pa.ArrowInvalid) as err:
+        raise InputError(f"cannot read embedding shard {path!r}: {err}") from None
+    ids = table.column("id").to_numpy().astype(np.int64)
+    vectors = sources = None
+    if "embedding" in columns:
+        column = table.column("embedding").combine_chunks()
+        width = column.type.list_size if pa.types.is_fixed_size_list(column.type) else None
+        flat = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+        if width is None:  # variable-length lists: every row must have the same length
+            lengths = set(np.diff(column.offsets.to_numpy()).tolist())
+            if len(lengths) != 1:
+                raise InputError(f"{path!r}: embeddings of different lengths {sorted(lengths)[:5]} in one shard")
+            width = lengths.pop()
+        vectors = flat.reshape(len(ids), width)
+        if dim is not None and width != dim:
+            raise InputError(
+                f"{path!r}: embeddings have dimension {width} but the other shards have {dim}; "
+                "were the shards made by different models?"
+            )
+    if "source" in columns:
+        sources = table.column("source").to_pylist()
+    return ids, vectors, sources
+
+
+def shard_files(shards: str | Sequence[str]) -> list[str]:
+    """The shard files of a folder (``shard-*.parquet``, in order) or the given list."""
+    if isinstance(shards, str):
+        if not os.path.isdir(shards):
+            raise MissingFileError(f"no shard folder at {shards!r}")
+        files = sorted(glob.glob(os.path.join(shards, "shard-*.parquet")))
+    else:
+        files = list(shards)
+        missing = [f for f in files if not os.path.isfile(f)]
+        if missing:
+            raise MissingFileError(f"{len(missing)} shard files do not exist, e.g. {missing[:3]}")
+    if not files:
+        raise InputError(f"no embedding shards (shard-*.parquet) in {shards!r}")
+    return files
+
+
+def read_shards(shards: str | Sequence[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """All shards concatenated in order: ``(ids, vectors, sources)``; ``InputError`` for a shard of another
+    dimension or an id that occurs twice."""
+    ids, vectors, sources, dim = [], [], [], None
+    for path in shard_files(shards):
+        i, v, s = read_shard(path, dim)
+        assert v is not None and s is not None
+        dim = v.shape[1]
+        ids.append(i), vectors.append(v), sources.extend(s)
+    all_ids = np.concatenate(ids)
+    unique, counts = np.unique(all_ids, return_counts=True)
+    if (counts > 1).any():
+        raise InputError(f"ids occur in more than one row of the shards, e.g. {unique[counts > 1][:5].tolist()}")
+    return all_ids, np.concatenate(vectors), sources
