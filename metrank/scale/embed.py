@@ -96,7 +96,7 @@ def embed(
     sources = list_items(source, kind)
     os.makedirs(out_dir, exist_ok=True)
     starts = range(0, len(sources), shard_size)
-    todo = [
+    todo: list[dict[str, Any]] = [
         {"shard": k, "start": start, "sources": sources[start : start + shard_size]}
         for k, start in enumerate(starts)
         if not os.path.isfile(os.path.join(out_dir, SHARD_PATTERN.format(k)))

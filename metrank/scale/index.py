@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import faiss
 import numpy as np
@@ -24,7 +25,7 @@ from metrank.atomic import atomic_write_text
 from metrank.errors import InputError, MissingFileError, StateError
 from metrank.index import Index, create_index
 from metrank.scale.cluster import connect
-from metrank.scale.shards import read_shard, shard_files
+from metrank.scale.shards import read_shard, read_shard_ids, shard_files
 
 INDEX_FILE = "index.faiss"
 MARKER = "COMPLETE.json"
@@ -55,25 +56,25 @@ def build_index(
     """
     ray = connect()
     files = shard_files(shards)
-    ids_per_shard = [read_shard(path, columns=("id",))[0] for path in files]
+    ids_per_shard = [read_shard_ids(path) for path in files]
     all_ids = np.concatenate(ids_per_shard)
     unique, counts = np.unique(all_ids, return_counts=True)
     if (counts > 1).any():
         raise InputError(f"ids occur in more than one row of the shards, e.g. {unique[counts > 1][:5].tolist()}")
     rng = np.random.default_rng(seed)
     share = max(1, -(-train_size // len(files)))
-    sample, dim = [], None
+    sample: list[np.ndarray] = []
+    dim: int | None = None
     for path in files:
         _, vectors, _ = read_shard(path, dim)
         dim = vectors.shape[1]
         take = np.sort(rng.choice(len(vectors), min(share, len(vectors)), replace=False))
         sample.append(vectors[take])
-    assert dim is not None
-    index = create_index(spec, dim, metric=metric, device="cpu")
+    index = create_index(spec, int(sample[0].shape[1]), metric=metric, device="cpu")
     index.train(np.concatenate(sample), max_train=None)
     trained = ray.put(faiss.serialize_index(index._cpu).tobytes())
     task = ray.remote(num_cpus=num_cpus_per_task)(_add_shard)
-    parts = ray.get([task.remote(trained, path, dim) for path in files])
+    parts = ray.get([task.remote(trained, path, index.dim) for path in files])
     merged = _merge([faiss.deserialize_index(np.frombuffer(blob, dtype=np.uint8)) for blob, _ in parts])
     result = Index(merged, spec=index.spec, device="cpu")
     if result.ntotal != len(all_ids):
@@ -83,21 +84,20 @@ def build_index(
     if os.path.exists(marker):
         os.remove(marker)  # the old index is replaced: incomplete until the new marker is written
     result.save(os.path.join(out_dir, INDEX_FILE))
-    info = {"spec": result.spec, "dim": dim, "metric": metric, "ntotal": result.ntotal, "shards": files}
+    info = {"spec": result.spec, "dim": index.dim, "metric": metric, "ntotal": result.ntotal, "shards": files}
     atomic_write_text(marker, json.dumps(info, indent=1))
     return result
 
 
-def _merge(parts: list[faiss.Index]) -> faiss.Index:
+def _merge(parts: list[Any]) -> Any:
     first = parts[0]
-    ivf = faiss.try_extract_index_ivf(first)
+    ivf: Any = faiss.try_extract_index_ivf(first)
     for part in parts[1:]:
         if ivf is not None:
             ivf.merge_from(faiss.try_extract_index_ivf(part), 0)
         else:
-            part = faiss.downcast_index(part)
-            vectors = part.index.reconstruct_n(0, part.ntotal)
-            first.add_with_ids(vectors, faiss.vector_to_array(part.id_map))
+            flat: Any = faiss.downcast_index(part)
+            first.add_with_ids(flat.index.reconstruct_n(0, flat.ntotal), faiss.vector_to_array(flat.id_map))
     if ivf is not None:
         first.ntotal = ivf.ntotal
     return first

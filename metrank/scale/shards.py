@@ -29,35 +29,37 @@ def write_shard(path: str, ids: np.ndarray, vectors: np.ndarray, sources: Sequen
         pq.write_table(table, tmp)
 
 
-def read_shard(
-    path: str, dim: int | None = None, columns: Sequence[str] = ("id", "embedding", "source")
-) -> tuple[np.ndarray, np.ndarray | None, list[str] | None]:
-    """``(ids, vectors [n, dim] float32, sources)`` of one shard (``None`` for columns not read); ``InputError``
-    when its embeddings are not ``dim`` wide."""
+def read_shard_ids(path: str) -> np.ndarray:
+    """The ids of one shard (the id column only)."""
+    return _read_table(path, ["id"]).column("id").to_numpy().astype(np.int64)
+
+
+def read_shard(path: str, dim: int | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """``(ids, vectors [n, dim] float32, sources)`` of one shard; ``InputError`` when its embeddings are not
+    ``dim`` wide."""
+    table = _read_table(path, ["id", "embedding", "source"])
+    ids = table.column("id").to_numpy().astype(np.int64)
+    column = table.column("embedding").combine_chunks()
+    width = column.type.list_size if pa.types.is_fixed_size_list(column.type) else None
+    flat = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+    if width is None:  # variable-length lists: every row must have the same length
+        lengths = set(np.diff(column.offsets.to_numpy()).tolist())
+        if len(lengths) != 1:
+            raise InputError(f"{path!r}: embeddings of different lengths {sorted(lengths)[:5]} in one shard")
+        width = lengths.pop()
+    if dim is not None and width != dim:
+        raise InputError(
+            f"{path!r}: embeddings have dimension {width} but the other shards have {dim}; "
+            "were the shards made by different models?"
+        )
+    return ids, flat.reshape(len(ids), width), table.column("source").to_pylist()
+
+
+def _read_table(path: str, columns: list[str]) -> pa.Table:
     try:
-        table = pq.read_table(path, columns=list(columns))
+        return pq.read_table(path, columns=columns)
     except (OSError, pa.ArrowInvalid) as err:
         raise InputError(f"cannot read embedding shard {path!r}: {err}") from None
-    ids = table.column("id").to_numpy().astype(np.int64)
-    vectors = sources = None
-    if "embedding" in columns:
-        column = table.column("embedding").combine_chunks()
-        width = column.type.list_size if pa.types.is_fixed_size_list(column.type) else None
-        flat = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
-        if width is None:  # variable-length lists: every row must have the same length
-            lengths = set(np.diff(column.offsets.to_numpy()).tolist())
-            if len(lengths) != 1:
-                raise InputError(f"{path!r}: embeddings of different lengths {sorted(lengths)[:5]} in one shard")
-            width = lengths.pop()
-        vectors = flat.reshape(len(ids), width)
-        if dim is not None and width != dim:
-            raise InputError(
-                f"{path!r}: embeddings have dimension {width} but the other shards have {dim}; "
-                "were the shards made by different models?"
-            )
-    if "source" in columns:
-        sources = table.column("source").to_pylist()
-    return ids, vectors, sources
 
 
 def shard_files(shards: str | Sequence[str]) -> list[str]:
@@ -81,10 +83,11 @@ def read_shards(shards: str | Sequence[str]) -> tuple[np.ndarray, np.ndarray, li
     dimension or an id that occurs twice."""
     ids, vectors, sources, dim = [], [], [], None
     for path in shard_files(shards):
-        i, v, s = read_shard(path, dim)
-        assert v is not None and s is not None
-        dim = v.shape[1]
-        ids.append(i), vectors.append(v), sources.extend(s)
+        shard_ids, shard_vectors, shard_sources = read_shard(path, dim)
+        dim = shard_vectors.shape[1]
+        ids.append(shard_ids)
+        vectors.append(shard_vectors)
+        sources.extend(shard_sources)
     all_ids = np.concatenate(ids)
     unique, counts = np.unique(all_ids, return_counts=True)
     if (counts > 1).any():
