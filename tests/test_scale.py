@@ -135,3 +135,40 @@ def test_sharded_embedding_equals_in_process_embedding_and_resumes(ray_cluster, 
     np.testing.assert_allclose(read_shards(str(tmp_path / "emb"))[1], expected, atol=1e-6)
     with pytest.raises(InputError, match="GPUs were asked for but the Ray cluster has 0"):
         embed(str(images), str(tmp_path / "gpu"), model, use_gpu=True)
+
+
+# ---- Ray Train ------------------------------------------------------------------------------------------------------
+@pytest.mark.data
+@pytest.mark.ddp
+def test_ray_train_two_workers_equals_torchrun_with_the_same_seed(ray_cluster, tmp_path, free_port):
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    from metrank.encoders import read_checkpoint
+    from metrank.scale.train import train
+    from metrank.training.checkpoint import load_training_state
+
+    repo = Path(__file__).resolve().parents[1]
+    config = repo / "train" / "configs" / "tiny_emoji_image_text.yaml"
+    common = [f"output.cache_dir={tmp_path / 'cache'}", "train.batch_size=8", "train.epochs=1", "output.plot=false"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
+    cmd += ["--master_port", str(free_port), str(repo / "train" / "train_image_text.py"), str(config)]
+    proc = subprocess.run(
+        [*cmd, f"output.dir={tmp_path / 'torchrun'}", *common], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = train(str(config), [f"output.dir={tmp_path / 'ray'}", *common], num_workers=2)
+    assert out == tmp_path / "ray"
+    # 64 training captions in batches of 8 per rank: 4 steps in the epoch only if the two workers split the data
+    assert load_training_state(out / "checkpoints" / "last.pt")["global_step"] == 4
+    ours = read_checkpoint(tmp_path / "ray" / "model_final.pt")
+    theirs = read_checkpoint(tmp_path / "torchrun" / "model_final.pt")
+    assert ours["state_dict"].keys() == theirs["state_dict"].keys()
+    for key, value in theirs["state_dict"].items():
+        assert torch.equal(ours["state_dict"][key], value), key
+    with pytest.raises(ValueError, match="GPUs were asked for"):
+        train(str(config), [f"output.dir={tmp_path / 'gpu'}", *common], num_workers=2, use_gpu=True)
