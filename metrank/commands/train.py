@@ -36,6 +36,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--resume", action="store_true", help="continue exactly from <output.dir>/checkpoints/last.pt")
     parser.add_argument("--resume-from", metavar="STATE", help="continue exactly from this training state file")
     parser.add_argument("--task", choices=sorted(SUMMARY_KEYS), help="refuse a config of another task")
+    parser.add_argument(
+        "--ray", type=int, metavar="N", help="train on N Ray Train workers (metrank.scale.train; RAY_ADDRESS: cluster)"
+    )
+    parser.add_argument("--gpus", action="store_true", help="with --ray: one GPU per worker (NCCL)")
     parser.set_defaults(func=_run)
 
 
@@ -60,6 +64,12 @@ def _run(args: argparse.Namespace) -> int:
             f"{args.config} is a task={cfg.task!r} config but this script trains task={args.task!r}; "
             "use `metrank train` (dispatches on the task) or the matching script"
         )
+    if args.ray:
+        from metrank.scale.train import train as ray_train
+
+        out = ray_train(args.config, args.overrides, args.ray, use_gpu=args.gpus, resume=args.resume_from or args.resume)
+        print(f"trained on {args.ray} Ray workers; outputs in {out}/ (model_best.pt, model_final.pt, metrics.jsonl)")
+        return 0
     result = train(cfg, resume=args.resume_from or args.resume)
     if distributed.rank() == 0:
         if result.completed:
