@@ -67,7 +67,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.ray:
         from metrank.scale.train import train as ray_train
 
-        out = ray_train(args.config, args.overrides, args.ray, use_gpu=args.gpus, resume=args.resume_from or args.resume)
+        out = ray_train(
+            args.config, args.overrides, args.ray, use_gpu=args.gpus, resume=args.resume_from or args.resume
+        )
         print(f"trained on {args.ray} Ray workers; outputs in {out}/ (model_best.pt, model_final.pt, metrics.jsonl)")
         return 0
     result = train(cfg, resume=args.resume_from or args.resume)
