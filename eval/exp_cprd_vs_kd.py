@@ -241,6 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 # its (identity, caption) key would conflate the two vendor images of one emoji identity
                 teacher = PairScorer(towers, scale, train, cross if teacher_name == "cross" else None)
             loss = student_loss(method, teacher, lam, args.max_length, normalise or "all")
+            torch.manual_seed(seed)  # the student's initialisation depends on its seed only
             student = Towers(student_train.image.shape[1], student_train.text.shape[1], STUDENT_DIM)
             train_towers(student_train, loss, student, args, seed, args.epochs, distill=teacher is not None)
             r = recall_at_1(tower_scores(student, student_test_feats), ids, cap)
