@@ -34,6 +34,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_source_args(embed, source_help)
     embed.add_argument("--out", required=True, help="output prefix: writes OUT.npy and OUT.jsonl")
     embed.add_argument("--batch-size", type=int, default=64)
+    embed.add_argument(
+        "--ray", type=int, metavar="N", help="embed on N Ray Data actors into OUT/shard-*.parquet (resumable)"
+    )
+    embed.add_argument("--gpus", action="store_true", help="with --ray: one GPU per actor")
+    embed.add_argument("--shard-size", type=int, default=10_000, help="with --ray: items per Parquet shard")
     embed.set_defaults(func=run_embed)
 
     index = subparsers.add_parser("index", help="build (or extend) a saved search index directory")
@@ -150,6 +155,16 @@ def _read_source(args: argparse.Namespace) -> tuple[str, Any]:
 def run_embed(args: argparse.Namespace) -> int:
     from metrank.search import Retriever
 
+    if args.ray:
+        from metrank.scale.embed import embed
+
+        kind = "image" if args.images else "text"
+        source = args.images or args.texts
+        done = embed(source, args.out, args.model, kind, args.ray, args.gpus, args.shard_size, args.batch_size)
+        print(
+            f"embedded {done['n_items']} {kind}s -> {args.out}/ ({len(done['shards'])} shards, {done['skipped']} kept)"
+        )
+        return 0
     kind, items = _read_source(args)
     retriever = Retriever.create(model=args.model)
     vectors = (
