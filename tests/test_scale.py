@@ -67,7 +67,8 @@ def write_shards(folder, x, bounds, ids=None):
 
 def test_merged_sharded_ivf_index_equals_one_built_in_one_process(ray_cluster, tmp_path):
     from metrank.index import create_index
-    from metrank.scale.index import build_index, load_index
+    from metrank.scale.index import build_index, load_index, to_retriever
+    from metrank.search import Retriever
 
     x, _ = clustered(3000, 16, 40, seed=1)
     shards = write_shards(tmp_path / "emb", x, [0, 1200, 1201, 3000])
@@ -83,6 +84,13 @@ def test_merged_sharded_ivf_index_equals_one_built_in_one_process(ray_cluster, t
         np.testing.assert_array_equal(ids, expected_ids)
         np.testing.assert_array_equal(scores, expected_scores)
     assert loaded.ntotal == 3000
+    retriever = to_retriever(str(tmp_path / "index"), device="cpu")  # the merged index serves searches
+    retriever.index.nprobe = 4
+    hits = retriever.search_vectors(x[:5], k=10, hubness=False)
+    np.testing.assert_array_equal([[h.id for h in row] for row in hits], expected_ids[:5])
+    assert hits[0][0].text is None and retriever.get(int(expected_ids[0, 0])).id == expected_ids[0, 0]
+    retriever.save(str(tmp_path / "served"))
+    assert len(Retriever.load(str(tmp_path / "served"), device="cpu")) == 3000
 
 
 def test_sharded_index_bad_input_and_interrupted_build(ray_cluster, tmp_path):

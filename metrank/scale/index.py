@@ -25,7 +25,10 @@ from metrank.atomic import atomic_write_text
 from metrank.errors import InputError, MissingFileError, StateError
 from metrank.index import Index, create_index
 from metrank.scale.cluster import connect
-from metrank.scale.shards import read_shard, read_shard_ids, shard_files
+from metrank.scale.shards import read_shard, read_shard_ids, read_shards, shard_files
+from metrank.search import Retriever
+from metrank.search.snapshot import resolve_model
+from metrank.search.store import MODALITIES, ItemStore
 
 INDEX_FILE = "index.faiss"
 MARKER = "COMPLETE.json"
@@ -50,7 +53,7 @@ def build_index(
 ) -> Index:
     """Build one index over embedding shards (a folder from :func:`metrank.scale.embed.embed` or a list of Parquet
     files): train ``spec`` on ``train_size`` vectors sampled evenly from the shards, add every shard in its own Ray
-    task, merge, and write ``out_dir`` (see the module docstring). Returns the merged index.
+    task, merge, and write ``out_dir`` (see the module docstring). Returns the merged index; :func:`to_retriever` serves it.
 
     ``InputError`` when a shard's dimension differs from the others or an id occurs twice.
     """
@@ -119,3 +122,24 @@ def load_index(out_dir: str, device: str = "auto") -> Index:
     if index.ntotal != info["ntotal"] or index.dim != info["dim"]:
         raise StateError(f"{out_dir!r}: the index file does not match {MARKER}; rebuild it")
     return index
+
+
+def to_retriever(out_dir: str, model: Any = None, modality: str = "vector", device: str = "auto") -> Retriever:
+    """A :class:`metrank.search.Retriever` over a completed build: the merged index as its index, the shards' rows
+    (ids, vectors, sources as image paths or texts) as its items; ``retriever.save(folder)`` then makes a folder
+    ``metrank serve`` loads. ``model``: the model that made the embeddings (for text/image queries), or ``None``."""
+    index = load_index(out_dir, device)
+    with open(os.path.join(out_dir, MARKER), encoding="utf-8") as f:
+        info = json.load(f)
+    ids, vectors, sources = read_shards(info["shards"])
+    if modality not in MODALITIES:
+        raise InputError(f"modality must be one of {MODALITIES}, got {modality!r}")
+    model_object, reference = resolve_model(model)
+    store = ItemStore(index.dim)
+    with store.transaction():
+        store.insert(
+            ids, modality, vectors, ["{}"] * len(ids),
+            paths=sources if modality == "image" else None, texts=sources if modality == "text" else None,
+        )  # fmt: skip
+        store.set_info("next_id", int(ids.max()) + 1)
+    return Retriever(index, store, reference, info["spec"], model=model_object)
