@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "metrank.commands.data",  # metrank data fetch|list
     "metrank.commands.train",  # metrank train
     "metrank.commands.search",  # metrank embed|index|search|serve
+    "metrank.commands.scale",  # metrank scale index|evaluate (Ray)
 )
 
 

@@ -180,3 +180,27 @@ def test_ray_train_two_workers_equals_torchrun_with_the_same_seed(ray_cluster, t
         assert torch.equal(ours["state_dict"][key], value), key
     with pytest.raises(ValueError, match="GPUs were asked for"):
         train(str(config), [f"output.dir={tmp_path / 'gpu'}", *common], num_workers=2, use_gpu=True)
+
+
+# ---- command line ---------------------------------------------------------------------------------------------------
+def test_scale_commands_build_serve_and_evaluate(ray_cluster, tmp_path, capsys):
+    from metrank.cli import main
+    from metrank.search import Retriever
+
+    x, labels = clustered(3000, 16, 40, seed=5)
+    shards = write_shards(tmp_path / "emb", x, [0, 1500, 3000])
+    served = tmp_path / "served"
+    assert (
+        main(["scale", "index", str(shards), str(tmp_path / "index"), "--serve", str(served), "--memory-gib", "1"]) == 0
+    )
+    out = capsys.readouterr().out
+    assert "index 'Flat' for 3,000 x 16" in out and "10-recall@10 1.000" in out  # the sizing choice, printed
+    assert len(Retriever.load(str(served), device="cpu")) == 3000
+    np.save(tmp_path / "q.npy", x[:500]), np.save(tmp_path / "ql.npy", labels[:500])
+    np.save(tmp_path / "g.npy", x[500:]), np.save(tmp_path / "gl.npy", labels[500:])
+    argv = ["scale", "evaluate", "--query", str(tmp_path / "q.npy"), "--labels", str(tmp_path / "ql.npy")]
+    argv += ["--gallery-shard", str(tmp_path / "g.npy"), str(tmp_path / "gl.npy"), "--ks", "1", "10"]
+    assert main(argv) == 0
+    expected = retrieval_metrics(x[:500], labels[:500], x[500:], labels[500:], ks=(1, 10))
+    assert f"{expected['MAP@R']:.4f}" in capsys.readouterr().out
+    assert main(["scale", "index", str(tmp_path / "missing"), str(tmp_path / "i2")]) == 2  # a MetrankError: one line

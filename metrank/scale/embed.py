@@ -3,11 +3,12 @@
 The driver lists the items (``metrank.search.sources.read_items``: an image folder, CSV/JSONL rows, a .txt file;
 Parquet via ``pyarrow``) and cuts them into shards of ``shard_size`` consecutive items (item i gets id i). Shards
 whose file exists already are skipped (a rerun resumes an interrupted job). The rest become one Ray Dataset row
-each; ``map_batches`` runs :class:`ShardEmbedder` (a callable class: the model is built once per actor) on an actor
-pool of ``num_workers`` (``concurrency=``, Ray >= 2.9), with ``num_gpus=1`` per actor when ``use_gpu``. Each actor
-embeds its shard with the model's own ``embed_images``/``embed_texts`` (the same preprocessing as in-process
-embedding, so the numbers are identical) and writes ``shard-NNNNN.parquet`` atomically to ``out_dir`` (on a real
-cluster a shared file system). ``manifest.json`` is written last, when every shard exists.
+each; ``map_batches`` runs :class:`ShardEmbedder` (a callable class: the model is built once per actor; its weights
+travel once through the object store) on an actor pool of ``num_workers`` (``compute=ActorPoolStrategy(size=N)``:
+``concurrency=`` is deprecated since Ray 2.51), with ``num_gpus=1`` per actor when ``use_gpu``. Each actor embeds
+its shard with the model's own ``embed_images``/``embed_texts`` (the same preprocessing as in-process embedding, so
+the numbers are identical) and writes ``shard-NNNNN.parquet`` atomically to ``out_dir`` (on a real cluster a shared
+file system). ``manifest.json`` is written last, when every shard exists.
 """
 
 from __future__ import annotations
@@ -49,8 +50,11 @@ class ShardEmbedder:
     """Ray Data callable class: builds the model once per actor; each call embeds whole shards and writes them."""
 
     def __init__(self, model: Any, kind: str, out_dir: str, batch_size: int, device: str) -> None:
+        import ray
         import torch
 
+        if isinstance(model, ray.ObjectRef):  # the weights travel once through the object store
+            model = ray.get(model)
         self.model = model.to(torch.device(device))
         self.kind, self.out_dir, self.batch_size = kind, out_dir, batch_size
 
@@ -106,11 +110,11 @@ def embed(
         done = dataset.map_batches(
             ShardEmbedder,
             fn_constructor_kwargs=dict(
-                model=model.cpu(), kind=kind, out_dir=os.path.abspath(out_dir), batch_size=batch_size,
+                model=ray.put(model.cpu()), kind=kind, out_dir=os.path.abspath(out_dir), batch_size=batch_size,
                 device="cuda" if use_gpu else "cpu",
             ),
             batch_size=1,
-            concurrency=num_workers,
+            compute=ray.data.ActorPoolStrategy(size=num_workers),
             num_gpus=1 if use_gpu else 0,
         )  # fmt: skip
         finished = sum(int(n) for n in done.to_pandas()["rows"])
