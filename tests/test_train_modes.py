@@ -128,3 +128,12 @@ def test_bad_settings_are_config_errors_naming_the_fix(overrides, message, tmp_p
         overrides = ("loss.name=cprd", f"loss.teacher.checkpoint={tmp_path / 't' / 'teacher.pt'}")
     with pytest.raises(ConfigError, match=message):
         Trainer(tiny(tmp_path, cache, *overrides))
+
+
+def test_phrase_captions_train_while_validation_reads_captions_as_the_test_split(tmp_path, cache):
+    trainer = Trainer(tiny(tmp_path, cache, "data.train_kwargs={caption_mode: phrases}"))
+    train_sel, val_sel, test_sel = trainer.train_sel, trainer.val_sel, trainer.test_sel
+    assert val_sel is not None
+    assert len(train_sel.captions) > len(train_sel.image_index)  # several phrases per image
+    assert len(val_sel.captions) == len(val_sel.image_index) and len(test_sel.captions) == len(test_sel.image_index)
+    assert not set(train_sel.image_ids) & set(val_sel.image_ids)  # identity-disjoint

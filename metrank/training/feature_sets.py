@@ -54,10 +54,10 @@ class LabelFeatures:
     labels: torch.Tensor  # [n] int64
 
 
-def _open(cfg: TrainConfig, split: str) -> Any:
+def _open(cfg: TrainConfig, split: str, for_training: bool) -> Any:
     from metrank import data
 
-    extra = cfg.data.train_kwargs if split == cfg.data.train_split else {}
+    extra = cfg.data.train_kwargs if for_training else {}
     kwargs: dict[str, Any] = dict(root=cfg.data.root, split=split, **{**cfg.data.kwargs, **extra})
     if "download" in inspect.signature(data.DATASETS.get(cfg.data.dataset)).parameters:
         kwargs.setdefault("download", cfg.data.fetch)
@@ -67,14 +67,15 @@ def _open(cfg: TrainConfig, split: str) -> Any:
     return dataset
 
 
-def open_dataset(cfg: TrainConfig, split: str) -> Any:
-    """``metrank.data.create_dataset`` for ``split``; datasets that can download themselves do so when missing and
-    ``data.fetch`` is true (under ``torch.distributed`` rank 0 opens/fetches first while the other ranks wait).
-    With ``task=metric``, an image-text dataset is used through its images and their identity labels."""
-    dataset = _open(cfg, split) if distributed.rank() == 0 else None
+def open_dataset(cfg: TrainConfig, split: str, for_training: bool = False) -> Any:
+    """``metrank.data.create_dataset`` for ``split`` (with ``data.train_kwargs`` too when ``for_training``: the
+    rows that are trained on); datasets that can download themselves do so when missing and ``data.fetch`` is true
+    (under ``torch.distributed`` rank 0 opens/fetches first while the other ranks wait). With ``task=metric``, an
+    image-text dataset is used through its images and their identity labels."""
+    dataset = _open(cfg, split, for_training) if distributed.rank() == 0 else None
     if distributed.is_distributed():
         torch.distributed.barrier()
-    return dataset if dataset is not None else _open(cfg, split)
+    return dataset if dataset is not None else _open(cfg, split, for_training)
 
 
 def subset_mask(labels: np.ndarray, max_classes: int | None, max_per_class: int | None) -> np.ndarray:

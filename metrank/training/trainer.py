@@ -278,8 +278,11 @@ class Trainer:
             if self.specs[tower].mode == "last_n":
                 require_split(tower_backbone(self.model, tower), tower).check_blocks(self.specs[tower].blocks)
 
-        train_sel = select_rows(cfg, open_dataset(cfg, cfg.data.train_split), "train")
+        train_sel = select_rows(cfg, open_dataset(cfg, cfg.data.train_split, for_training=True), "train")
         self.train_sel, self.val_sel = carve_validation(train_sel, cfg.data.val_fraction, cfg.train.seed)
+        if self.val_sel is not None and cfg.data.train_kwargs:  # validate as the test split is read, not as trained
+            plain = select_rows(cfg, open_dataset(cfg, cfg.data.train_split), "val")
+            self.val_sel = plain.subset("val", np.unique(self.val_sel.image_ids))
         self.test_sel = select_rows(cfg, open_dataset(cfg, cfg.data.eval_split), "test")
         self.mirror = bool(self.train_sel.dataset.mirror_invariant)
         self.train_rows = self._rows(self.train_sel, train=True)
