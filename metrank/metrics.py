@@ -435,6 +435,7 @@ def shard_rank_counts(
     lo, hi = _float32_bounds(relevant.scores, slack[:, None])
     g = torch.from_numpy(shard).to(dev)
     g_sq = (g * g).sum(1) if metric == "l2" else None
+    count_type = np.int8 if width < 127 else np.int32  # narrow counters: less memory traffic per candidate
     rows_per_block = max(1, min(TILE_ROWS, (1 << 22) // max(width, 1)))
     for start in range(0, len(todo), rows_per_block):
         rows = todo[start : start + rows_per_block]
@@ -455,12 +456,11 @@ def shard_rank_counts(
             if not len(r):
                 continue
             per_row = np.bincount(r, minlength=len(rows))
-            n_above, n_near = np.zeros(len(v), np.int64), np.zeros(len(v), np.int64)
+            n_above, n_low = np.zeros(len(v), count_type), np.zeros(len(v), count_type)
             for p in range(width):  # one relevant item at a time: contiguous 1-D passes over the candidates
-                surely = v > np.repeat(hi[rows, p], per_row)
-                n_above += surely
-                n_near += (v >= np.repeat(lo[rows, p], per_row)) & ~surely
-            near = np.flatnonzero(n_near)
+                n_above += v > np.repeat(hi[rows, p], per_row)  # surely outranks relevant item p
+                n_low += v >= np.repeat(lo[rows, p], per_row)  # may outrank it
+            near = np.flatnonzero(n_low != n_above)
             if len(near):
                 q_rows, g_rows = rows[r[near]], c[near] + col
                 exact = _exact_scores(query[q_rows], shard[g_rows], metric)[:, None]
