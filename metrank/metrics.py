@@ -435,7 +435,7 @@ def shard_rank_counts(
     lo, hi = _float32_bounds(relevant.scores, slack[:, None])
     g = torch.from_numpy(shard).to(dev)
     g_sq = (g * g).sum(1) if metric == "l2" else None
-    count_type = np.int8 if width < 127 else np.int32  # narrow counters: less memory traffic per candidate
+    count_type: type = np.int8 if width < 127 else np.int32  # narrow counters: less memory traffic per candidate
     rows_per_block = max(1, min(TILE_ROWS, (1 << 22) // max(width, 1)))
     for start in range(0, len(todo), rows_per_block):
         rows = todo[start : start + rows_per_block]
@@ -456,7 +456,8 @@ def shard_rank_counts(
             if not len(r):
                 continue
             per_row = np.bincount(r, minlength=len(rows))
-            n_above, n_low = np.zeros(len(v), count_type), np.zeros(len(v), count_type)
+            n_above: np.ndarray = np.zeros(len(v), count_type)
+            n_low: np.ndarray = np.zeros(len(v), count_type)
             for p in range(width):  # one relevant item at a time: contiguous 1-D passes over the candidates
                 n_above += v > np.repeat(hi[rows, p], per_row)  # surely outranks relevant item p
                 n_low += v >= np.repeat(lo[rows, p], per_row)  # may outrank it
