@@ -435,7 +435,6 @@ def shard_rank_counts(
     lo, hi = _float32_bounds(relevant.scores, slack[:, None])
     g = torch.from_numpy(shard).to(dev)
     g_sq = (g * g).sum(1) if metric == "l2" else None
-    count_type: type = np.int8 if width < 127 else np.int32  # narrow counters: less memory traffic per candidate
     rows_per_block = max(1, min(TILE_ROWS, (1 << 22) // max(width, 1)))
     for start in range(0, len(todo), rows_per_block):
         rows = todo[start : start + rows_per_block]
@@ -446,6 +445,12 @@ def shard_rank_counts(
         skip = np.concatenate([relevant.index[rows], self_index[rows, None]], 1) - offset
         skip_r, skip_k = np.nonzero((skip >= 0) & (skip < len(shard)))
         skip_c = skip[skip_r, skip_k]
+        # each block row's kept relevant bounds as sorted (row, value) keys: counting the bounds below a candidate is
+        # one binary search, O(log L) per candidate however many relevant items a query has
+        held = np.arange(width)[None, :] < kept[rows][:, None]
+        block_row = np.broadcast_to(np.arange(len(rows))[:, None], held.shape)[held]
+        hi_keys, lo_keys = np.sort(_row_keys(block_row, hi[rows][held])), np.sort(_row_keys(block_row, lo[rows][held]))
+        first = np.concatenate([[0], np.cumsum(kept[rows])[:-1]])
         for col in range(0, len(shard), TILE_COLUMNS):
             s = q @ g[col : col + TILE_COLUMNS].T
             if g_sq is not None and q_sq is not None:  # negated squared distance
@@ -455,12 +460,9 @@ def shard_rank_counts(
             r, c, v = _above(s, bound)
             if not len(r):
                 continue
-            per_row = np.bincount(r, minlength=len(rows))
-            n_above: np.ndarray = np.zeros(len(v), count_type)
-            n_low: np.ndarray = np.zeros(len(v), count_type)
-            for p in range(width):  # one relevant item at a time: contiguous 1-D passes over the candidates
-                n_above += v > np.repeat(hi[rows, p], per_row)  # surely outranks relevant item p
-                n_low += v >= np.repeat(lo[rows, p], per_row)  # may outrank it
+            key = _row_keys(r, v)
+            n_above = np.searchsorted(hi_keys, key, "left") - first[r]  # relevant items it surely outranks
+            n_low = np.searchsorted(lo_keys, key, "right") - first[r]  # relevant items it may outrank
             near = np.flatnonzero(n_low != n_above)
             if len(near):
                 q_rows, g_rows = rows[r[near]], c[near] + col
@@ -471,6 +473,14 @@ def shard_rank_counts(
     suffix = np.cumsum(hist[:, ::-1], 1)[:, ::-1]  # suffix[i, k]: items outranking at least k relevant items of i
     need = kept[:, None] - np.arange(width)[None, :]  # relevant item p is outranked by those outranking >= kept - p
     return np.where(need > 0, np.take_along_axis(suffix, np.clip(need, 0, width), 1), 0)
+
+
+def _row_keys(row: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """uint64 keys ordered by (row, float32 value): the row in the high 32 bits, the value's order-preserving bit
+    pattern in the low 32 (negative floats reversed; -0.0 counted as +0.0)."""
+    bits = (x.astype(np.float32) + np.float32(0)).view(np.uint32).astype(np.uint64)
+    ordinal = np.where(bits >= 0x80000000, 0xFFFFFFFF - bits, bits + 0x80000000)
+    return (row.astype(np.uint64) << np.uint64(32)) | ordinal
 
 
 def _above(s: torch.Tensor, bound: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
