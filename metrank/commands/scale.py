@@ -12,7 +12,11 @@ from __future__ import annotations
 import argparse
 
 from metrank.embeddings_io import load_embeddings, load_labels
+from metrank.index import choose_index
 from metrank.metrics import format_table
+from metrank.scale.evaluate import retrieval_metrics
+from metrank.scale.index import build_index, to_retriever
+from metrank.scale.shards import read_shard, read_shard_ids, shard_files
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -40,9 +44,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_index(args: argparse.Namespace) -> int:
-    from metrank.index import choose_index
-    from metrank.scale.index import build_index, to_retriever
-    from metrank.scale.shards import read_shard, read_shard_ids, shard_files
 
     spec = args.spec
     if spec == "auto":
@@ -59,7 +60,6 @@ def run_index(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from metrank.scale.evaluate import retrieval_metrics
 
     shards = None
     if args.gallery_shard:

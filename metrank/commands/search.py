@@ -21,6 +21,11 @@ import numpy as np
 
 from metrank.atomic import atomic_path, atomic_write_text
 from metrank.errors import InputError, MissingFileError
+from metrank.scale.embed import embed
+from metrank.search import Retriever
+from metrank.search.retriever import MANIFEST
+from metrank.search.server import check_megabytes, check_port, serve
+from metrank.search.sources import parse_scalar, read_items
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -129,7 +134,6 @@ def _add_source_args(parser: argparse.ArgumentParser, source_help: str) -> argpa
 
 
 def _pairs(values: list[str], what: str) -> dict[str, Any]:
-    from metrank.search.sources import parse_scalar
 
     out: dict[str, Any] = {}
     for value in values:
@@ -145,7 +149,6 @@ def _pairs(values: list[str], what: str) -> dict[str, Any]:
 
 
 def _read_source(args: argparse.Namespace) -> tuple[str, Any]:
-    from metrank.search.sources import read_items
 
     kind = "image" if args.images else "text"
     return kind, read_items(args.images or args.texts, kind)
@@ -153,11 +156,8 @@ def _read_source(args: argparse.Namespace) -> tuple[str, Any]:
 
 # ------------------------------------------------------------------------------------------------ embed
 def run_embed(args: argparse.Namespace) -> int:
-    from metrank.search import Retriever
 
     if args.ray:
-        from metrank.scale.embed import embed
-
         kind = "image" if args.images else "text"
         source = args.images or args.texts
         done = embed(source, args.out, args.model, kind, args.ray, args.gpus, args.shard_size, args.batch_size)
@@ -186,8 +186,6 @@ def _save_npy(path: str, array: np.ndarray) -> None:
 
 # ------------------------------------------------------------------------------------------------ index
 def run_index(args: argparse.Namespace) -> int:
-    from metrank.search import Retriever
-    from metrank.search.retriever import MANIFEST
 
     if args.items and not args.vectors:
         raise InputError("--items goes with --vectors")
@@ -261,14 +259,12 @@ def _bank(retriever, source: str | None) -> np.ndarray:
         raise InputError("--hubness needs --bank (reference queries: .npy vectors or a text list)")
     if source.endswith(".npy"):
         return np.load(source).astype(np.float32)
-    from metrank.search.sources import read_items
 
     return retriever.embed_texts(read_items(source, "text").texts)
 
 
 # ------------------------------------------------------------------------------------------------ search
 def run_search(args: argparse.Namespace) -> int:
-    from metrank.search import Retriever
 
     retriever = Retriever.load(args.directory)
     vector = None
@@ -317,8 +313,6 @@ def run_search(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------------ serve
 def run_serve(args: argparse.Namespace) -> int:
-    from metrank.search import Retriever
-    from metrank.search.server import check_megabytes, check_port, serve
 
     port = check_port(args.port)
     max_upload = check_megabytes(args.max_upload_mb, "--max-upload-mb")

@@ -10,6 +10,7 @@ import argparse
 from metrank import distributed
 from metrank.errors import ConfigError
 from metrank.metrics import format_table
+from metrank.scale.train import train as ray_train
 from metrank.training.config import load_config
 from metrank.training.trainer import TrainResult, train
 
@@ -65,8 +66,6 @@ def _run(args: argparse.Namespace) -> int:
             "use `metrank train` (dispatches on the task) or the matching script"
         )
     if args.ray:
-        from metrank.scale.train import train as ray_train
-
         out = ray_train(
             args.config, args.overrides, args.ray, use_gpu=args.gpus, resume=args.resume_from or args.resume
         )

@@ -122,7 +122,5 @@ def fetch_dataset(name: str, root: str | None = None, run_apt: bool | None = Non
             f"  from:   {source}\n  layout: {target}/{layout}\n"
             f"  then:   metrank.data.create_dataset({name!r}) finds it there (or pass root=...)"
         )
-    from metrank.data import DATASETS
-
-    DATASETS.get(name)  # raises ValueError listing the valid names
-    raise InputError(f"no fetch recipe for dataset {name!r}")
+    known = sorted({"emoji", *DEBIAN_PACKAGES, *MANUAL})
+    raise InputError(f"unknown dataset {name!r}; valid names: {', '.join(known)}")

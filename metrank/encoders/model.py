@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from metrank.encoders.transforms import check_pixels
 from metrank.errors import InputError
+from metrank.images import open_rgb
 
 ImageInput = Image.Image | str
 
@@ -177,7 +178,6 @@ class RetrievalModel(nn.Module):
 
     def embed_images(self, images: Sequence[ImageInput], batch_size: int = 64, progress: bool = True) -> np.ndarray:
         """Normalised embeddings ``np.float32 [N, D]`` of PIL images (or image file paths), in eval mode."""
-        from metrank.images import open_rgb
 
         def to_batch(chunk: Sequence[ImageInput]) -> torch.Tensor:
             return torch.stack([self.image_transform(open_rgb(im) if isinstance(im, str) else im) for im in chunk])

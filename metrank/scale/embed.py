@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from metrank.atomic import atomic_write_text
+from metrank.encoders import create_model, load_checkpoint
 from metrank.errors import InputError
 from metrank.scale.cluster import check_gpus, connect
 from metrank.scale.shards import SHARD_PATTERN, write_shard
@@ -86,7 +87,6 @@ def embed(
     ``model``: a ``RetrievalModel``, a model name or a checkpoint path (``metrank.encoders.load_checkpoint``); the
     driver builds it once and ships its weights to the actors, so every actor embeds with the same weights.
     """
-    from metrank.encoders import create_model, load_checkpoint
 
     if kind not in ("image", "text"):
         raise InputError(f"kind must be 'image' or 'text', got {kind!r}")

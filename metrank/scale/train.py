@@ -15,12 +15,12 @@ from typing import Any
 
 from metrank.errors import InputError, StateError
 from metrank.scale.cluster import check_gpus, connect
+from metrank.training.config import load_config
+from metrank.training.trainer import train as train_locally
 
 
 def _worker(config: dict[str, Any]) -> None:
     """One Ray Train worker: the same call as ``metrank train`` under torchrun."""
-    from metrank.training.config import load_config
-    from metrank.training.trainer import train as train_locally
 
     train_locally(load_config(config["config"], config["overrides"]), resume=config["resume"])
 
@@ -36,7 +36,6 @@ def train(
     """Train ``config`` (+ ``key=value`` overrides) on ``num_workers`` Ray Train workers (one GPU each with
     ``use_gpu``); returns the output folder. Relative paths (config, ``output.dir``, ``output.cache_dir``) are
     resolved here, on the driver, because Ray Train workers run in their own working directories."""
-    from metrank.training.config import load_config
 
     if num_workers < 1:
         raise InputError(f"the number of Ray workers must be >= 1, got {num_workers}")

@@ -35,9 +35,10 @@ from typing import TYPE_CHECKING, Any, Union
 import numpy as np
 from tqdm.auto import tqdm
 
+import metrank.search.snapshot as snapshots
 from metrank.errors import InputError, MissingFileError, NotFoundError, StateError
+from metrank.images import open_rgb, to_rgb
 from metrank.index import Index, create_index
-from metrank.search import snapshot as snapshots
 from metrank.search.hubness import HubnessState, create_hubness
 from metrank.search.planner import Row, plan_search
 from metrank.search.rwlock import ReadWriteLock
@@ -72,8 +73,6 @@ class Hit(Item):
 def _open_image(image: ImageInput):
     """RGB PIL image (transparency composited on white, as in training) from a path or a PIL image."""
     from PIL import Image
-
-    from metrank.images import open_rgb, to_rgb
 
     return to_rgb(image) if isinstance(image, Image.Image) else open_rgb(image)
 

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from metrank.atomic import atomic_path, atomic_write_text
+from metrank.encoders import create_model, load_checkpoint, save_checkpoint
 from metrank.errors import InputError, MissingFileError, StateError
 from metrank.index import Index
 from metrank.search.hubness import HubnessState
@@ -239,7 +240,6 @@ def resolve_model(model: Any) -> tuple[Any, dict[str, Any]]:
             return load_model_file(path), {"checkpoint": path, "sha256": sha256_file(path)}
         if model.endswith((".pt", ".pth", ".ckpt")) or os.sep in model.replace("timm/", "").replace("open_clip/", ""):
             raise MissingFileError(f"checkpoint {model!r} not found")
-        from metrank.encoders import create_model
 
         return create_model(model), {"embedded": "model.pt", "name": model}
     if hasattr(model, "embed_images") and hasattr(model, "embed_dim"):
@@ -249,7 +249,6 @@ def resolve_model(model: Any) -> tuple[Any, dict[str, Any]]:
 
 def load_model_file(path: str):
     """``metrank.encoders.load_checkpoint`` with refusals of unsafe or damaged files as ``StateError``."""
-    from metrank.encoders import load_checkpoint
 
     try:
         return load_checkpoint(path)
@@ -300,8 +299,6 @@ def save_model(directory: str, reference: Mapping[str, Any], source_directory: s
         with atomic_path(target) as tmp:
             shutil.copyfile(source, tmp)
     else:
-        from metrank.encoders import save_checkpoint
-
         save_checkpoint(target, model())
 
 

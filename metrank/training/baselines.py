@@ -19,6 +19,7 @@ from typing import Any, cast
 
 import numpy as np
 
+from metrank.encoders import create_model
 from metrank.metrics import image_text_metrics, retrieval_metrics
 from metrank.training.config import TrainConfig
 from metrank.training.feature_sets import (
@@ -102,7 +103,6 @@ def metric_baseline(cfg: TrainConfig, model: Any, device: Any) -> dict[str, dict
 
 def frozen_baselines(cfg: TrainConfig) -> dict[str, dict[str, float]]:
     """The baseline rows of ``cfg`` (ridge map for image-text, raw features for metric learning)."""
-    from metrank.encoders import create_model
 
     device = select_device(cfg.train.device)
     model = create_model(cfg.model.name, pretrained=cfg.model.pretrained, **cfg.model.kwargs).to(device).eval()
@@ -113,7 +113,6 @@ def ridge_transfer(source: TrainConfig, target: TrainConfig) -> dict[str, float]
     """Zero-shot transfer of the ridge baseline: the map (and centring) fitted on the frozen features of
     ``source``'s training split (lambda chosen there as in :func:`image_text_baseline`), applied to ``target``'s test
     split. Both configs must use the same model (the same frozen backbones)."""
-    from metrank.encoders import create_model
 
     device = select_device(source.train.device)
     model = create_model(source.model.name, pretrained=source.model.pretrained, **source.model.kwargs).to(device)

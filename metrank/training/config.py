@@ -20,6 +20,7 @@ from typing import Any, Union
 
 import yaml
 
+from metrank.atomic import atomic_write_bytes
 from metrank.errors import ConfigError, MissingFileError
 
 TASKS = ("image_text", "metric")
@@ -346,6 +347,5 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
-    from metrank.atomic import atomic_write_bytes
 
     atomic_write_bytes(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())

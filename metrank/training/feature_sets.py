@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from metrank import distributed
+from metrank import data, distributed
 from metrank.data.base import ImageTextDataset
 from metrank.errors import InputError
 from metrank.training.config import TrainConfig
@@ -55,7 +55,6 @@ class LabelFeatures:
 
 
 def _open(cfg: TrainConfig, split: str, for_training: bool) -> Any:
-    from metrank import data
 
     extra = cfg.data.train_kwargs if for_training else {}
     kwargs: dict[str, Any] = dict(root=cfg.data.root, split=split, **{**cfg.data.kwargs, **extra})

@@ -34,7 +34,8 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from metrank import distributed
+from metrank import distributed, metrics
+from metrank.encoders import create_model, save_checkpoint
 from metrank.encoders.tuning import (
     apply_tuning,
     lora_settings,
@@ -45,6 +46,7 @@ from metrank.encoders.tuning import (
 from metrank.errors import ConfigError, InputError
 from metrank.losses import LOSSES, CrossModalLoss, create_loss, is_paired
 from metrank.miners import create_miner
+from metrank.samplers import SAMPLERS, create_sampler
 from metrank.training.checkpoint import load_training_state, save_training_state, set_rng_state
 from metrank.training.config import TowerConfig, TrainConfig, save_config
 from metrank.training.feature_cache import cached, feature_cache_key, image_fingerprint, text_fingerprint
@@ -156,7 +158,6 @@ def build_sampler(cfg: TrainConfig, labels: torch.Tensor, embed_train: Any) -> A
     when the sampler takes one, and a P x K sampler given only ``k`` gets ``p = batch_size // k``; a sampler that
     takes ``embeddings`` (hard batches) gets a callable embedding the training set with the current model.
     """
-    from metrank.samplers import SAMPLERS, create_sampler
 
     params = inspect.signature(SAMPLERS.get(cfg.sampler.name)).parameters
     kwargs: dict[str, Any] = dict(cfg.sampler.kwargs)
@@ -201,7 +202,6 @@ class SplitRows:
 @torch.no_grad()
 def evaluate(module: TrainModule, rows: SplitRows, ks: list[int], device: torch.device, chunk: int = 256) -> dict:
     """Recall@K (and the other metrics ``metrank.metrics`` reports) of the trained towers on one split."""
-    from metrank import metrics
 
     was_training = module.training
     module.eval()
@@ -265,8 +265,6 @@ class Trainer:
         seed_everything(cfg.train.seed)
         is_paired(cfg.loss.name)  # fail fast on a bad loss name
         self._check_config()
-
-        from metrank.encoders import create_model
 
         self.model = create_model(cfg.model.name, pretrained=cfg.model.pretrained, **cfg.model.kwargs)
         self.has_text = cfg.task == "image_text"
@@ -506,7 +504,6 @@ class Trainer:
 
     def _export(self, name: str, state: dict[str, torch.Tensor] | None, **extra: Any) -> Path:
         """Write the whole model (frozen parts + trained ``state``) with ``metrank.encoders.save_checkpoint``."""
-        from metrank.encoders import save_checkpoint
 
         with self._weights(state):
             path = self.out_dir / name
