@@ -29,7 +29,7 @@ import torch
 from metrank.atomic import atomic_path
 from metrank.errors import InputError, MissingFileError
 from metrank.registry import Registry
-from metrank.validation import check_embeddings
+from metrank.validation import check_embeddings, check_positive_int
 
 Array = np.ndarray | torch.Tensor
 
@@ -264,8 +264,7 @@ class Index:
     def search(self, q: Array, k: int, batch_size: int = 16384) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` best items for each query: (scores float32 [n, k], ids int64 [n, k]), best first."""
         q = _as_float32(q, "queries", self.dim)
-        if not isinstance(k, (int, np.integer)) or k < 1:
-            raise InputError(f"k must be a positive integer, got {k!r}")
+        k = check_positive_int(k, "k")
         self._require_trained("search")
         scores = np.empty((q.shape[0], k), np.float32)
         ids = np.empty((q.shape[0], k), np.int64)

@@ -51,9 +51,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from metrank.distributed import resolve_device
 from metrank.errors import InputError
 from metrank.index import _as_float32, create_index
-from metrank.validation import check_labels
+from metrank.validation import check_labels, check_positive_int
 
 Array = np.ndarray | torch.Tensor
 ELEMENTS_PER_CHUNK = 1 << 25  # cap on chunk x gallery (or chunk x k) entries held at once
@@ -76,14 +77,6 @@ def _check_ks(ks: Sequence[int]) -> list[int]:
     if not ks or ks[0] < 1:
         raise InputError(f"ks must be positive integers, got {ks}")
     return ks
-
-
-def _torch_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "gpu":
-        device = "cuda"
-    return torch.device(device)
 
 
 def _first_identical_row(x: np.ndarray) -> np.ndarray | None:
@@ -124,7 +117,7 @@ class GalleryScorer:
             self.distinct_rows = np.flatnonzero(canonical == np.arange(self.n))
             self.slot = np.searchsorted(self.distinct_rows, canonical)  # distinct vector of each gallery row
         self.vectors = gallery if self.slot is None else gallery[self.distinct_rows]
-        self.device = _torch_device(device)
+        self.device = resolve_device(device)
         self._vectors: torch.Tensor | None = None
 
     def __call__(self, q: np.ndarray) -> torch.Tensor:
@@ -265,8 +258,7 @@ def knn(
     products (``ip``) or squared L2 distances (``l2``).
     """
     query = _as_float32(query, "query")
-    if not isinstance(k, (int, np.integer)) or k < 1:
-        raise InputError(f"k must be a positive integer, got {k!r}")
+    k = check_positive_int(k, "k")
     _check_metric(metric)
     leave_one_out = gallery is None
     engine = ExactKNN(query if gallery is None else _check_gallery(gallery, query.shape[1]), metric, device)
@@ -427,7 +419,7 @@ def shard_rank_counts(
     hist = np.zeros((n_q, width + 1), np.int64)  # hist[i, k]: items outranking exactly k relevant items of query i
     kept = relevant.n_kept
     todo = np.flatnonzero(kept > 0)
-    dev = _torch_device(device)
+    dev = resolve_device(device)
     d = query.shape[1]
     q_norm = np.sqrt(np.einsum("ij,ij->i", query, query, dtype=np.float64))
     g_norm = float(np.sqrt(np.einsum("ij,ij->i", shard, shard, dtype=np.float64).max()))

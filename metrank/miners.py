@@ -17,7 +17,7 @@ from torch import nn
 from metrank.errors import InputError
 from metrank.pairs import DISTANCES, ChecksInputs, LossInputs, label_masks, ranking_distance, topk_distinct
 from metrank.registry import Registry
-from metrank.validation import check_choice
+from metrank.validation import check_choice, check_positive_int
 
 MINERS: Registry[nn.Module] = Registry("miner")
 
@@ -135,8 +135,7 @@ class TopKHardestNegativeMiner(BaseMiner):
 
     def __init__(self, k: int = 8, distance: str = "cosine", distinct: bool = False) -> None:
         super().__init__(distance)
-        if int(k) != k or k < 1:
-            raise InputError(f"k must be a positive integer, got {k!r}")
+        k = check_positive_int(k, "k")
         self.k = int(k)
         self.distinct = bool(distinct)
 

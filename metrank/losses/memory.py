@@ -22,6 +22,7 @@ from metrank.distributed import all_gather_no_grad
 from metrank.errors import InputError
 from metrank.losses.base import LOSSES, PairwiseLoss
 from metrank.pairs import IndicesTuple
+from metrank.validation import check_positive_int
 
 
 class MemoryQueue:
@@ -29,8 +30,7 @@ class MemoryQueue:
     fields read oldest row first. Not a module state: a restarted run starts with an empty queue, as XBM does."""
 
     def __init__(self, size: int) -> None:
-        if int(size) != size or size < 1:
-            raise InputError(f"memory size must be a positive integer, got {size!r}")
+        size = check_positive_int(size, "memory size")
         self.size = int(size)
         self.fields: dict[str, torch.Tensor] = {}
 

@@ -36,6 +36,7 @@ import numpy as np
 
 from metrank.errors import InputError
 from metrank.search.retriever import Hit, Retriever
+from metrank.validation import check_positive_int
 
 BLAS_MIN_QUERIES = 8
 BLAS_DATABASE_BLOCK = 65536
@@ -98,8 +99,7 @@ class QueryBatcher:
         """The hits of one query vector [dim] or [1, dim], as ``Retriever.search(vector=...)`` would return them."""
         query = self.retriever.embed_query(vector=np.asarray(vector, np.float32).reshape(-1))
         self.retriever.store.where(filter, modality)  # bad filters fail here, in the caller's thread
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise InputError(f"k must be a positive integer, got {k!r}")
+        k = check_positive_int(k, "k")
         if not self.enabled:
             return self.retriever.search_vectors(query, k, filter, modality, hubness)[0]
         request = _Request(query, k, filter, modality, hubness)

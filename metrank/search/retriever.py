@@ -50,7 +50,7 @@ from metrank.search.store import (
     ItemStore,
     metadata_json,
 )
-from metrank.validation import check_embeddings
+from metrank.validation import check_embeddings, check_positive_int
 
 MANIFEST = snapshots.MANIFEST
 MAX_ID = 2**53 - 1  # ids stay exact in JSON readers that use doubles (JavaScript)
@@ -468,8 +468,7 @@ class Retriever:
     ) -> list[list[Hit]]:
         """Batched :meth:`search` for query embeddings [n, dim]."""
         queries = _check_vectors(queries, "query vectors", self.dim)
-        if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
-            raise InputError(f"k must be a positive integer, got {k!r}")
+        k = check_positive_int(k, "k")
         where = self.store.where(filter, modality)
         with self._lock.read():
             state = self.hubness if hubness else None

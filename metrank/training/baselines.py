@@ -19,6 +19,7 @@ from typing import Any, cast
 
 import numpy as np
 
+from metrank.distributed import resolve_device
 from metrank.encoders import create_model
 from metrank.metrics import image_text_metrics, retrieval_metrics
 from metrank.training.config import TrainConfig
@@ -30,7 +31,6 @@ from metrank.training.feature_sets import (
     open_dataset,
     select_rows,
 )
-from metrank.training.trainer import select_device
 
 LAMBDAS = (0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0)
 
@@ -104,7 +104,7 @@ def metric_baseline(cfg: TrainConfig, model: Any, device: Any) -> dict[str, dict
 def frozen_baselines(cfg: TrainConfig) -> dict[str, dict[str, float]]:
     """The baseline rows of ``cfg`` (ridge map for image-text, raw features for metric learning)."""
 
-    device = select_device(cfg.train.device)
+    device = resolve_device(cfg.train.device)
     model = create_model(cfg.model.name, pretrained=cfg.model.pretrained, **cfg.model.kwargs).to(device).eval()
     return (image_text_baseline if cfg.task == "image_text" else metric_baseline)(cfg, model, device)
 
@@ -114,7 +114,7 @@ def ridge_transfer(source: TrainConfig, target: TrainConfig) -> dict[str, float]
     ``source``'s training split (lambda chosen there as in :func:`image_text_baseline`), applied to ``target``'s test
     split. Both configs must use the same model (the same frozen backbones)."""
 
-    device = select_device(source.train.device)
+    device = resolve_device(source.train.device)
     model = create_model(source.model.name, pretrained=source.model.pretrained, **source.model.kwargs).to(device)
     model.eval()
     train_sel = select_rows(source, open_dataset(source, source.data.train_split), "train")

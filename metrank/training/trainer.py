@@ -35,6 +35,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from metrank import distributed, metrics
+from metrank.distributed import resolve_device
 from metrank.encoders import create_model, save_checkpoint
 from metrank.encoders.tuning import (
     apply_tuning,
@@ -98,18 +99,6 @@ def init_distributed(device_kind: str) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         backend = "nccl" if device_kind == "cuda" else "gloo"
         dist.init_process_group(backend=backend, init_method="env://")
-
-
-def select_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    if name != "cpu":
-        raise InputError(f"train.device must be auto, cpu or cuda, got {name!r}")
-    return torch.device("cpu")
 
 
 def seed_everything(seed: int) -> None:
@@ -258,7 +247,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
-        self.device = select_device(cfg.train.device)
+        self.device = resolve_device(cfg.train.device)
         init_distributed(self.device.type)
         self.is_main = distributed.rank() == 0
         self.out_dir = Path(cfg.output.dir)
