@@ -184,3 +184,21 @@ def test_pk_sampler_with_too_few_samples_per_class_is_a_clear_error(tmp_path, fe
     )
     with pytest.raises(ValueError, match=r"class\(es\) have fewer than k=3 items"):
         Trainer(cfg)
+
+
+@pytest.mark.parametrize(
+    "text, override",
+    [
+        ("task: [unclosed\n", None),
+        ('task: !!python/object/apply:os.system ["echo pwned"]\n', None),
+        ("task: image_text\n", "train.epochs=[1"),
+    ],
+)
+def test_yaml_errors_are_one_line_config_errors(tmp_path, capsys, text, override):
+    from metrank.cli import main
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    assert main(["train", str(path), *([override] if override else [])]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("metrank train: error:") and "YAML" in err and "Traceback" not in err

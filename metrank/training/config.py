@@ -273,7 +273,7 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
         key = key.strip().lstrip("-")
         if not key:
             raise ConfigError(f"override {item!r} has an empty key")
-        _set_path(tree, key, yaml.safe_load(raw) if raw.strip() else None)
+        _set_path(tree, key, _read_yaml(raw, f"override {item!r}") if raw.strip() else None)
     return tree
 
 
@@ -333,6 +333,18 @@ def config_from_dict(values: dict[str, Any]) -> TrainConfig:
     return cfg
 
 
+def _read_yaml(text: str, what: str) -> Any:
+    """``yaml.safe_load`` (plain data only: tags such as ``!!python/object`` are refused, never run); a syntax
+    or constructor error is a ``ConfigError`` naming ``what`` and the place."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{what} is not valid YAML{at}: {problem}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
     """Read a YAML config (or start from the defaults when ``path`` is None) and apply ``key.sub=value`` overrides."""
     values: dict[str, Any] = {}
@@ -340,7 +352,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         path = Path(path)
         if not path.is_file():
             raise MissingFileError(f"config file {str(path)!r} not found")
-        values = yaml.safe_load(path.read_text()) or {}
+        values = _read_yaml(path.read_text(), f"config file {str(path)!r}") or {}
         if not isinstance(values, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a YAML mapping at the top level")
     return config_from_dict(_merge(values, parse_overrides(overrides)))
