@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import pytorch_metric_learning.utils.inference  # noqa: F401  (patches faiss for torch, as every PML user has it)
 
 ray = pytest.importorskip("ray")
 

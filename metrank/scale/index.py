@@ -100,7 +100,9 @@ def _merge(parts: list[Any]) -> Any:
             ivf.merge_from(faiss.try_extract_index_ivf(part), 0)
         else:
             flat: Any = faiss.downcast_index(part)
-            first.add_with_ids(flat.index.reconstruct_n(0, flat.ntotal), faiss.vector_to_array(flat.id_map))
+            # np.asarray: once faiss.contrib.torch_utils is imported (PML does), reconstruct_n returns a tensor
+            vectors = np.asarray(flat.index.reconstruct_n(0, flat.ntotal), dtype=np.float32)
+            first.add_with_ids(vectors, faiss.vector_to_array(flat.id_map))
     if ivf is not None:
         first.ntotal = ivf.ntotal
     return first
