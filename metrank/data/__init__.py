@@ -10,34 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from metrank.data.base import ImageLabelDataset, ImageTextDataset
-from metrank.data.caption_sets import load_caption_table, load_coco, load_flickr30k
-from metrank.data.emoji import fetch_emoji, load_emoji
-from metrank.data.fashion_mnist import load_fashion_mnist
+# each loader module registers its data sets in DATASETS when imported
+from metrank.data import caption_sets, emoji, fashion_mnist, folder, metric_sets, tuxpaint  # noqa: F401
+from metrank.data.base import DATASETS, ImageLabelDataset, ImageTextDataset
+from metrank.data.emoji import fetch_emoji
 from metrank.data.fetch import fetch_dataset
-from metrank.data.folder import load_image_folder
-from metrank.data.metric_sets import load_cars196, load_cub, load_inshop, load_sop
 from metrank.data.root import data_root
-from metrank.data.tuxpaint import load_tuxpaint
 from metrank.images import ImageLoadError, open_rgb, to_rgb
-from metrank.registry import Registry
-
-DATASETS: Registry = Registry("dataset")
-_LOADERS: list[tuple[str, Any]] = [
-    ("emoji", load_emoji),
-    ("tuxpaint", load_tuxpaint),
-    ("fashion_mnist", load_fashion_mnist),
-    ("cub", load_cub),
-    ("cars196", load_cars196),
-    ("sop", load_sop),
-    ("inshop", load_inshop),
-    ("flickr30k", load_flickr30k),
-    ("coco", load_coco),
-    ("image_folder", load_image_folder),
-    ("csv", load_caption_table),
-]
-for _name, _loader in _LOADERS:
-    DATASETS.register(_name)(_loader)
 
 
 def create_dataset(

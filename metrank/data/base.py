@@ -25,9 +25,13 @@ from tqdm.auto import tqdm
 
 from metrank.errors import InputError, MissingFileError
 from metrank.images import ImageLoadError, open_rgb
+from metrank.registry import Registry
 
 ON_ERROR = ("raise", "skip")
 Loader = Callable[[Any], Image.Image]
+
+
+DATASETS: Registry = Registry("dataset")  # name -> loader(root=None, split="train", **kw); see metrank.data
 
 
 def check_on_error(on_error: str) -> str:

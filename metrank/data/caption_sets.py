@@ -20,7 +20,7 @@ import csv
 import json
 import os
 
-from metrank.data.base import ImageTextDataset, find_existing
+from metrank.data.base import DATASETS, ImageTextDataset, find_existing
 from metrank.data.root import require_root
 from metrank.data.splits import check_split
 from metrank.errors import InputError, MissingFileError
@@ -64,10 +64,12 @@ def load_karpathy(
     return ImageTextDataset(images, range(len(images)), captions, caption_image, name=f"{name}-{split}", **kw)
 
 
+@DATASETS.register("flickr30k")
 def load_flickr30k(root: str | None = None, split: str = "train", **kw) -> ImageTextDataset:
     return load_karpathy("flickr30k", root, split, **kw)
 
 
+@DATASETS.register("coco")
 def load_coco(root: str | None = None, split: str = "train", **kw) -> ImageTextDataset:
     return load_karpathy("coco", root, split, **kw)
 
@@ -80,6 +82,7 @@ def _read_table(path: str) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+@DATASETS.register("csv")
 def load_caption_table(
     root: str | None = None,
     split: str = "all",

@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from metrank.data.base import ImageTextDataset
+from metrank.data.base import DATASETS, ImageTextDataset
 from metrank.data.root import data_root
 from metrank.data.splits import check_split, held_out_classes, in_split
 from metrank.errors import InputError, MissingFileError
@@ -86,6 +86,7 @@ def emoji_caption(entry: dict) -> str:
 CAPTION_MODES = ("joined", "phrases")
 
 
+@DATASETS.register("emoji")
 def load_emoji(
     root: str | None = None,
     split: str = "train",

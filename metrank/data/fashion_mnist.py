@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from metrank.data.base import ImageLabelDataset, remap_labels
+from metrank.data.base import DATASETS, ImageLabelDataset, remap_labels
 from metrank.data.splits import check_split
 from metrank.errors import InputError, MissingFileError
 
@@ -58,6 +58,7 @@ class ArrayImageLoader:
         return Image.fromarray(self.pixels[index], mode="L").convert("RGB")
 
 
+@DATASETS.register("fashion_mnist")
 def load_fashion_mnist(
     root: str | None = None, split: str = "train", class_disjoint: bool = False, **kw
 ) -> ImageLabelDataset:

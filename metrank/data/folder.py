@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import os
 
-from metrank.data.base import ImageLabelDataset, remap_labels
+from metrank.data.base import DATASETS, ImageLabelDataset, remap_labels
 from metrank.data.splits import check_split, held_out_classes, in_split
 from metrank.errors import InputError, MissingFileError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
+@DATASETS.register("image_folder")
 def load_image_folder(
     root: str | None = None,
     split: str = "all",

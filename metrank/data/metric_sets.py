@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from metrank.data.base import ImageLabelDataset, find_existing, remap_labels
+from metrank.data.base import DATASETS, ImageLabelDataset, find_existing, remap_labels
 from metrank.data.root import require_root
 from metrank.data.splits import check_split
 from metrank.errors import InputError
@@ -42,6 +42,7 @@ def _labelled(name: str, split: str, paths: Sequence[str], raw_labels: Sequence[
     )
 
 
+@DATASETS.register("cub")
 def load_cub(root: str | None = None, split: str = "train", **kw) -> ImageLabelDataset:
     """CUB-200-2011; see module docstring."""
     check_split(split)
@@ -74,6 +75,7 @@ def _cars_annotations(root: str) -> list[tuple[str, int]]:
         return [(row["relative_im_path"], int(row["class"])) for row in csv.DictReader(f)]
 
 
+@DATASETS.register("cars196")
 def load_cars196(root: str | None = None, split: str = "train", **kw) -> ImageLabelDataset:
     """Cars196; see module docstring."""
     check_split(split)
@@ -86,6 +88,7 @@ def load_cars196(root: str | None = None, split: str = "train", **kw) -> ImageLa
     return _labelled("cars196", split, [p for p, _ in chosen], [c for _, c in chosen], **kw)
 
 
+@DATASETS.register("sop")
 def load_sop(root: str | None = None, split: str = "train", **kw) -> ImageLabelDataset:
     """Stanford Online Products; see module docstring."""
     check_split(split)
@@ -104,6 +107,7 @@ def load_sop(root: str | None = None, split: str = "train", **kw) -> ImageLabelD
     return dataset
 
 
+@DATASETS.register("inshop")
 def load_inshop(root: str | None = None, split: str = "train", **kw) -> ImageLabelDataset:
     """In-Shop Clothes Retrieval; ``split`` is train, query or gallery (see module docstring)."""
     check_split(split, ("train", "query", "gallery"))

@@ -17,7 +17,7 @@ import warnings
 
 from PIL import Image
 
-from metrank.data.base import ImageTextDataset, remap_labels
+from metrank.data.base import DATASETS, ImageTextDataset, remap_labels
 from metrank.data.splits import check_split, held_out_classes, in_split
 from metrank.errors import InputError, MissingFileError
 from metrank.images import ImageLoadError, open_rgb, to_rgb
@@ -57,6 +57,7 @@ def read_caption(path: str) -> str:
         return f.readline().strip()
 
 
+@DATASETS.register("tuxpaint")
 def load_tuxpaint(
     root: str | None = None,
     split: str = "train",
