@@ -667,12 +667,19 @@ def image_text_metrics(
     text_labels = image_labels[text_image_ids]
     i2t = first_relevant_rank(image_emb, image_labels, text_emb, text_labels, metric, device, progress=progress)
     t2i = first_relevant_rank(text_emb, text_labels, image_emb, image_labels, metric, device, progress=progress)
+    return image_text_metrics_from_ranks(i2t, t2i, ks)
+
+
+def image_text_metrics_from_ranks(i2t: np.ndarray, t2i: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """``image_text_metrics`` from the 0-based rank of each image's first correct caption (``i2t``, -1: the image has
+    no caption) and of each caption's first correct image (``t2i``) -- e.g. from sharded rank counts."""
+    ks = _check_ks(ks)
     out = {**_recall_summary(i2t, ks, "i2t"), **_recall_summary(t2i, ks, "t2i")}
     out["rsum"] = sum(out[f"{d}_R@{k}"] for d in ("i2t", "t2i") for k in ks)
     uncaptioned = int((i2t < 0).sum())
     if uncaptioned:
-        warnings.warn(f"{uncaptioned} images have no caption and are left out of i2t", stacklevel=2)
-    out.update(n_images=len(image_emb), n_texts=len(text_emb), n_images_no_caption=uncaptioned)
+        warnings.warn(f"{uncaptioned} images have no caption and are left out of i2t", stacklevel=3)
+    out.update(n_images=len(i2t), n_texts=len(t2i), n_images_no_caption=uncaptioned)
     return out
 
 
