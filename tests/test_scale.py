@@ -55,6 +55,31 @@ def test_sharded_metrics_equal_single_process_metrics(ray_cluster):
         sharded_metrics(query, q_labels, [shards[0], (np.ones((5, 8), np.float32), np.zeros(5, np.int64))])
 
 
+def test_sharded_image_text_metrics_equal_single_process_metrics(ray_cluster):
+    from metrank.metrics import image_text_metrics
+    from metrank.scale.evaluate import image_text_metrics as sharded_image_text_metrics
+
+    rng = np.random.default_rng(3)
+    images, _ = clustered(90, 12, 30, seed=3)
+    images[60:70] = images[:10]  # duplicate images: exact ties across image shards
+    text_image_ids = np.r_[np.repeat(np.arange(80), 3), rng.integers(0, 80, 50)]  # 3-4 captions each; 80..89 none
+    texts = images[text_image_ids] + 0.3 * rng.standard_normal((len(text_image_ids), 12)).astype(np.float32)
+    texts[::7] = texts[1::7][: len(texts[::7])]  # duplicate captions: ties across caption shards
+    texts /= np.linalg.norm(texts, axis=1, keepdims=True)
+    image_labels = np.arange(90) // 2  # pairs of interchangeable images
+    for labels, n_shards in ((None, 3), (image_labels, 2)):
+        with pytest.warns(UserWarning, match="10 images have no caption"):
+            expected = image_text_metrics(images, texts, text_image_ids, ks=(1, 5, 100), image_labels=labels)
+        with pytest.warns(UserWarning, match="10 images have no caption"):
+            got = sharded_image_text_metrics(
+                images, texts, text_image_ids, ks=(1, 5, 100), image_labels=labels, n_shards=n_shards, query_chunk=41
+            )
+        assert got == expected
+    assert expected["n_images_no_caption"] == 10 and 0 < expected["t2i_R@1"] < 100
+    with pytest.raises(ValueError, match="text_image_ids must index image_emb rows"):
+        sharded_image_text_metrics(images, texts, text_image_ids + 11)
+
+
 # ---- sharded index build ---------------------------------------------------------------------------------------------
 def write_shards(folder, x, bounds, ids=None):
     from metrank.scale.shards import write_shard

@@ -6,6 +6,7 @@
   tasks (FAISS indexes travel as ``faiss.serialize_index`` bytes), merge, write atomically with a completion marker;
 - :func:`metrank.scale.evaluate.retrieval_metrics`: gallery shards held by actors, queries broadcast, rank counts
   summed (``metrank.metrics.shard_rank_counts``) -- the same numbers as the single-process metrics;
+  :func:`metrank.scale.evaluate.image_text_metrics` likewise for i2t/t2i (caption shards for i2t, image shards for t2i);
 - :func:`metrank.scale.train.train`: Ray Train's ``TorchTrainer`` running metrank's own DDP trainer unchanged.
 
 Install with ``pip install 'metrank[ray]'``. Only this package imports ``ray``, and only when one of its functions
