@@ -99,45 +99,73 @@ def test_merged_sharded_ivf_index_equals_one_built_in_one_process(ray_cluster, t
     x, _ = clustered(3000, 16, 40, seed=1)
     shards = write_shards(tmp_path / "emb", x, [0, 1200, 1201, 3000])
     merged = build_index(str(shards), str(tmp_path / "index"), spec="IVF32,Flat", train_size=10_000)
+    on_disk = build_index(str(shards), str(tmp_path / "ondisk"), spec="IVF32,Flat", train_size=10_000, on_disk=True)
+    assert sorted(p.name for p in (tmp_path / "ondisk").iterdir()) == ["COMPLETE.json", "index.faiss", "index.ivfdata"]
+    assert (tmp_path / "ondisk" / "index.faiss").stat().st_size < 10_000  # quantiser and list offsets only
     single = create_index("IVF32,Flat", 16, device="cpu")
     single.train(x, max_train=None)  # the build trained on every vector too (train_size >= N), in shard order
     single.add(x, np.arange(len(x)))
     loaded = load_index(str(tmp_path / "index"), device="cpu")
-    for index in (merged, loaded):
+    (tmp_path / "ondisk").rename(tmp_path / "moved")  # the lists are mapped from the folder the index is in
+    on_disk_loaded = load_index(str(tmp_path / "moved"), device="cpu")
+    for index in (merged, loaded, on_disk, on_disk_loaded):
         index.nprobe = single.nprobe = 4
         scores, ids = index.search(x[:300], 10)
         expected_scores, expected_ids = single.search(x[:300], 10)
         np.testing.assert_array_equal(ids, expected_ids)
         np.testing.assert_array_equal(scores, expected_scores)
-    assert loaded.ntotal == 3000
-    retriever = to_retriever(str(tmp_path / "index"), device="cpu")  # the merged index serves searches
-    retriever.index.nprobe = 4
-    hits = retriever.search_vectors(x[:5], k=10, hubness=False)
-    np.testing.assert_array_equal([[h.id for h in row] for row in hits], expected_ids[:5])
-    assert hits[0][0].text is None and retriever.get(int(expected_ids[0, 0])).id == expected_ids[0, 0]
-    retriever.save(str(tmp_path / "served"))
-    assert len(Retriever.load(str(tmp_path / "served"), device="cpu")) == 3000
+    assert loaded.ntotal == on_disk_loaded.ntotal == 3000
+    for folder in ("index", "moved"):
+        retriever = to_retriever(str(tmp_path / folder), device="cpu")  # the merged index serves searches
+        retriever.index.nprobe = 4
+        hits = retriever.search_vectors(x[:5], k=10, hubness=False)
+        np.testing.assert_array_equal([[h.id for h in row] for row in hits], expected_ids[:5])
+        assert hits[0][0].text is None and retriever.get(int(expected_ids[0, 0])).id == expected_ids[0, 0]
+        retriever.save(str(tmp_path / f"served-{folder}"))
+        served = Retriever.load(str(tmp_path / f"served-{folder}"), device="cpu")
+        served.index.nprobe = 4
+        assert len(served) == 3000
+        np.testing.assert_array_equal(served.index.search(x[:300], 10)[1], expected_ids)
 
 
 def test_sharded_index_bad_input_and_interrupted_build(ray_cluster, tmp_path):
-    from metrank.errors import InputError, StateError
-    from metrank.scale.index import MARKER, build_index, load_index
+    from metrank.errors import ConfigError, InputError, StateError
+    from metrank.scale.index import IVFDATA_FILE, MARKER, PARTS_DIR, build_index, load_index
     from metrank.scale.shards import write_shard
 
     x, _ = clustered(400, 8, 10, seed=2)
     duplicated = write_shards(tmp_path / "dup", x, [0, 200, 400], ids=np.r_[np.arange(200), np.arange(150, 350)])
-    with pytest.raises(InputError, match="ids occur in more than one row"):
-        build_index(str(duplicated), str(tmp_path / "i1"), spec="IVF4,Flat")
     mixed = write_shards(tmp_path / "mixed", x, [0, 200, 400])
     write_shard(str(mixed / "shard-00001.parquet"), np.arange(200, 400), np.ones((200, 6), np.float32), ["x"] * 200)
-    with pytest.raises(InputError, match="dimension 6 but the other shards have 8"):
-        build_index(str(mixed), str(tmp_path / "i2"), spec="IVF4,Flat")
+    for on_disk in (False, True):
+        with pytest.raises(InputError, match="ids occur in more than one row"):
+            build_index(str(duplicated), str(tmp_path / "i1"), spec="IVF4,Flat", on_disk=on_disk)
+        with pytest.raises(InputError, match="dimension 6 but the other shards have 8"):
+            build_index(str(mixed), str(tmp_path / "i2"), spec="IVF4,Flat", on_disk=on_disk)
     good = write_shards(tmp_path / "good", x, [0, 200, 400])
+    for spec in ("Flat", "HNSW8", "IVF4,PQ2x4,RFlat"):  # RFlat: a refine wrapper, whose flat copy is in RAM
+        with pytest.raises(ConfigError, match="on_disk needs an IVF index .* build it in memory"):
+            build_index(str(good), str(tmp_path / "i3"), spec=spec, on_disk=True)
     build_index(str(good), str(tmp_path / "i3"), spec="Flat")
     assert load_index(str(tmp_path / "i3"), device="cpu").ntotal == 400
     (tmp_path / "i3" / MARKER).unlink()  # as if the build had been killed before its last step
     with pytest.raises(StateError, match="no finished index"):
         load_index(str(tmp_path / "i3"))
+    (tmp_path / "i4" / PARTS_DIR).mkdir(parents=True)
+    (tmp_path / "i4" / PARTS_DIR / "part-00007.faiss").write_bytes(b"left by a killed build")
+    index = build_index(str(good), str(tmp_path / "i4"), spec="IVF4,Flat", on_disk=True)
+    assert not (tmp_path / "i4" / PARTS_DIR).exists() and index.ntotal == 400
+    with pytest.raises(StateError, match="read-only .* rebuild"):  # FAISS would abort the process
+        index.add(x[:2], np.array([1000, 1001]))
+    with pytest.raises(StateError, match="read-only"):
+        index.remove_ids(np.array([0]))
+    ivfdata = tmp_path / "i4" / IVFDATA_FILE
+    ivfdata.write_bytes(ivfdata.read_bytes()[:-8])  # a damaged (or replaced) list file
+    with pytest.raises(StateError, match="index.ivfdata' is missing or not the file COMPLETE.json describes"):
+        load_index(str(tmp_path / "i4"))
+    ivfdata.unlink()
+    with pytest.raises(StateError, match="is missing"):
+        load_index(str(tmp_path / "i4"))
 
 
 # ---- embedding ------------------------------------------------------------------------------------------------------
@@ -230,3 +258,9 @@ def test_scale_commands_build_serve_and_evaluate(ray_cluster, tmp_path, capsys):
     expected = retrieval_metrics(x[:500], labels[:500], x[500:], labels[500:], ks=(1, 10))
     assert f"{expected['MAP@R']:.4f}" in capsys.readouterr().out
     assert main(["scale", "index", str(tmp_path / "missing"), str(tmp_path / "i2")]) == 2  # a MetrankError: one line
+    capsys.readouterr()
+    assert main(["scale", "index", str(shards), str(tmp_path / "i3"), "--spec", "IVF16,Flat", "--on-disk"]) == 0
+    assert "built 'IVF16,Flat' with 3000 vectors" in capsys.readouterr().out
+    assert (tmp_path / "i3" / "index.ivfdata").is_file()
+    assert main(["scale", "index", str(shards), str(tmp_path / "i4"), "--spec", "Flat", "--on-disk"]) == 2
+    assert "on_disk needs an IVF index" in capsys.readouterr().err

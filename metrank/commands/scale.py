@@ -1,6 +1,6 @@
 """``metrank scale index | evaluate``: the Ray-backed sharded index build and sharded exact evaluation.
 
-    metrank scale index /shared/emb /shared/index --spec auto --memory-gib 64 [--serve /shared/served --model M]
+    metrank scale index /shared/emb /shared/index --spec auto --memory-gib 64 [--on-disk] [--serve DIR --model M]
     metrank scale evaluate --query q.npy --labels ql.npy --gallery-shard g1.npy l1.npy --gallery-shard g2.npy l2.npy
 
 The cluster is the one ``RAY_ADDRESS`` names (else a local one). ``--spec auto`` picks the index for the shards' N
@@ -24,10 +24,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     commands = parser.add_subparsers(dest="scale_command", required=True)
     index = commands.add_parser("index", help="build one IVF/IVF-PQ index from embedding shards in Ray tasks")
     index.add_argument("shards", help="folder of shard-*.parquet (from metrank embed --ray)")
-    index.add_argument("out", help="output folder (index.faiss + COMPLETE.json)")
+    index.add_argument("out", help="output folder (index.faiss [+ index.ivfdata] + COMPLETE.json)")
     index.add_argument("--spec", default="auto", help="FAISS factory string, or auto (sized by --memory-gib)")
     index.add_argument("--memory-gib", type=float, default=16.0, help="memory budget for --spec auto")
     index.add_argument("--train-size", type=int, default=100_000, help="vectors sampled to train the quantiser")
+    index.add_argument(
+        "--on-disk", action="store_true",
+        help="IVF only: merge the shards' inverted lists into OUT/index.ivfdata (memory-mapped) instead of in RAM",
+    )  # fmt: skip
     index.add_argument("--serve", metavar="DIR", help="also save a retriever folder for metrank serve")
     index.add_argument("--model", help="with --serve: the model that made the embeddings (for text/image queries)")
     index.set_defaults(func=run_index)
@@ -51,7 +55,7 @@ def run_index(args: argparse.Namespace) -> int:
         n = sum(len(read_shard_ids(path)) for path in files)
         _, sample, _ = read_shard(files[0])
         spec = choose_index(n, sample.shape[1], int(args.memory_gib * 2**30), sample=sample[:50_000]).spec
-    index = build_index(args.shards, args.out, spec=spec, train_size=args.train_size)
+    index = build_index(args.shards, args.out, spec=spec, train_size=args.train_size, on_disk=args.on_disk)
     print(f"built {index.spec!r} with {index.ntotal} vectors -> {args.out}/")
     if args.serve:
         to_retriever(args.out, model=args.model).save(args.serve)

@@ -1,28 +1,39 @@
 """Sharded IVF index build on Ray: the quantiser is trained once on a sample, shards are added in parallel Ray tasks,
 the filled shard indexes are merged into one, written atomically, and marked complete last.
 
-FAISS objects travel between processes as ``faiss.serialize_index`` bytes. The merge moves each shard's inverted
-lists into the first one (``IndexIVF.merge_from``, FAISS's own in-memory merge: no re-encoding; the shards share the
-trained quantiser, so the merged index equals one built in one process from the same trained index). Flat (non-IVF)
-indexes are merged by adding the shards' vectors in shard order.
+Two merges, both FAISS's own (no re-encoding: the shards share the trained quantiser, so the merged index equals one
+built in one process from the same trained index):
 
-On disk (``out_dir``): ``index.faiss`` (the merged index, written through ``metrank.atomic``) and then
-``COMPLETE.json`` (spec, dim, ntotal, shards). :func:`load_index` refuses a folder without the marker, so a killed
-build is never loaded as complete; rerunning the build replaces everything.
+- in memory (default): the filled shards travel as ``faiss.serialize_index`` bytes and their inverted lists are
+  moved into the first one (``IndexIVF.merge_from``); flat (non-IVF) indexes are merged by adding the shards'
+  vectors in shard order. The driver holds the whole index.
+- on disk (``on_disk=True``, IVF only), for indexes larger than RAM: each task writes its filled shard index to
+  ``out_dir/parts/``; one merge task (a fresh Ray worker, so FAISS's memory maps of the parts go when it exits)
+  maps them (``IO_FLAG_MMAP``) and writes all inverted lists into one ``OnDiskInvertedLists`` file
+  (``faiss.contrib.ondisk.merge_ondisk``). Nothing holds more than one shard in RAM; the loaded index maps the
+  lists read-only, so the operating system pages them in and out as searches touch them.
+
+On disk (``out_dir``): ``index.faiss`` (the merged index; for an on-disk merge only the quantiser and the list
+offsets) and ``index.ivfdata`` (on-disk merge: the inverted lists), each written through ``metrank.atomic``, then
+``COMPLETE.json`` (spec, dim, ntotal, shards, on-disk file size). :func:`load_index` refuses a folder without the
+marker or whose files do not match it, so a killed build is never loaded as complete; rerunning the build replaces
+everything.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Sequence
 from typing import Any
 
 import faiss
 import numpy as np
+from faiss.contrib.ondisk import merge_ondisk
 
-from metrank.atomic import atomic_write_text
-from metrank.errors import InputError, MissingFileError, StateError
+from metrank.atomic import atomic_path, atomic_write_text
+from metrank.errors import ConfigError, InputError, MissingFileError, StateError
 from metrank.index import Index, create_index
 from metrank.scale.cluster import connect
 from metrank.scale.shards import read_shard, read_shard_ids, read_shards, shard_files
@@ -31,15 +42,67 @@ from metrank.search.snapshot import resolve_model
 from metrank.search.store import MODALITIES, ItemStore
 
 INDEX_FILE = "index.faiss"
+IVFDATA_FILE = "index.ivfdata"
+PARTS_DIR = "parts"
 MARKER = "COMPLETE.json"
 
 
-def _add_shard(trained: bytes, path: str, dim: int) -> tuple[bytes, int]:
-    """Ray task: one shard's vectors added to a copy of the trained empty index; (serialised index, rows)."""
+class OnDiskIndex(Index):
+    """An :class:`metrank.index.Index` whose inverted lists are a read-only memory map of ``index.ivfdata``: it
+    searches like any IVF index; adding or removing refuses (FAISS would abort the process on a read-only map)."""
+
+    def add(self, x: Any, ids: Any = None) -> np.ndarray:
+        raise StateError(self._read_only())
+
+    def remove_ids(self, ids: Any) -> int:
+        raise StateError(self._read_only())
+
+    def _read_only(self) -> str:
+        return (
+            f"the on-disk index {self.spec!r} is read-only (its lists are a shared memory map of {IVFDATA_FILE}); "
+            "add the items to the embedding shards and rebuild with metrank.scale.index.build_index"
+        )
+
+
+def _filled(trained: bytes, path: str, dim: int) -> tuple[Any, int]:
+    """One shard's vectors added to a copy of the trained empty index."""
     ids, vectors, _ = read_shard(path, dim)
     index = faiss.deserialize_index(np.frombuffer(trained, dtype=np.uint8))
     index.add_with_ids(vectors, ids)
-    return faiss.serialize_index(index).tobytes(), len(ids)
+    return index, len(ids)
+
+
+def _add_shard(trained: bytes, path: str, dim: int) -> tuple[bytes, int]:
+    """Ray task: (serialised filled shard index, rows)."""
+    index, rows = _filled(trained, path, dim)
+    return faiss.serialize_index(index).tobytes(), rows
+
+
+def _add_shard_to_file(trained: bytes, path: str, dim: int, part: str) -> int:
+    """Ray task: the filled shard index written (atomically) to ``part``; returns its rows."""
+    index, rows = _filled(trained, path, dim)
+    with atomic_path(part) as tmp:
+        faiss.write_index(index, tmp)
+    return rows
+
+
+def _lists(index: Any) -> Any:
+    """The (on-disk) inverted lists of an IVF index, as their own FAISS class."""
+    ivf: Any = faiss.extract_index_ivf(index)
+    return faiss.downcast_InvertedLists(ivf.invlists)
+
+
+def _merge_to_disk(trained: bytes, parts: list[str], out_dir: str) -> int:
+    """Ray task: merge the part files' inverted lists into ``out_dir/index.ivfdata`` and write ``index.faiss``
+    pointing at it; returns the number of vectors."""
+    index = faiss.deserialize_index(np.frombuffer(trained, dtype=np.uint8))
+    ivfdata = os.path.abspath(os.path.join(out_dir, IVFDATA_FILE))
+    with atomic_path(ivfdata) as tmp:  # a reader of an older build keeps its mapped (replaced) file
+        merge_ondisk(index, parts, tmp)
+        _lists(index).filename = ivfdata  # the name index.faiss records; load_index maps the file beside it anyway
+    with atomic_path(os.path.join(out_dir, INDEX_FILE)) as tmp:
+        faiss.write_index(index, tmp)
+    return int(index.ntotal)
 
 
 def build_index(
@@ -50,12 +113,16 @@ def build_index(
     train_size: int = 100_000,
     seed: int = 0,
     num_cpus_per_task: float = 1,
+    on_disk: bool = False,
 ) -> Index:
     """Build one index over embedding shards (a folder from :func:`metrank.scale.embed.embed` or a list of Parquet
     files): train ``spec`` on ``train_size`` vectors sampled evenly from the shards, add every shard in its own Ray
-    task, merge, and write ``out_dir`` (see the module docstring). Returns the merged index; :func:`to_retriever` serves it.
+    task, merge (``on_disk=True``: into ``index.ivfdata``, never holding the index in RAM; IVF specs only), and
+    write ``out_dir`` (see the module docstring). On a cluster ``out_dir`` must be on storage every node sees.
+    Returns the merged index (on disk: mapped from the files); :func:`to_retriever` serves it.
 
-    ``InputError`` when a shard's dimension differs from the others or an id occurs twice.
+    ``InputError`` when a shard's dimension differs from the others or an id occurs twice; ``ConfigError`` for an
+    on-disk merge of a non-IVF spec.
     """
     ray = connect()
     files = shard_files(shards)
@@ -74,22 +141,61 @@ def build_index(
         take = np.sort(rng.choice(len(vectors), min(share, len(vectors)), replace=False))
         sample.append(vectors[take])
     index = create_index(spec, int(sample[0].shape[1]), metric=metric, device="cpu")
+    if on_disk:
+        _check_on_disk(index._cpu, index.spec)
     index.train(np.concatenate(sample), max_train=None)
     trained = ray.put(faiss.serialize_index(index._cpu).tobytes())
-    task = ray.remote(num_cpus=num_cpus_per_task)(_add_shard)
-    parts = ray.get([task.remote(trained, path, index.dim) for path in files])
-    merged = _merge([faiss.deserialize_index(np.frombuffer(blob, dtype=np.uint8)) for blob, _ in parts])
-    result = Index(merged, spec=index.spec, device="cpu")
-    if result.ntotal != len(all_ids):
-        raise StateError(f"the merged index holds {result.ntotal} vectors, the shards {len(all_ids)}")
     os.makedirs(out_dir, exist_ok=True)
     marker = os.path.join(out_dir, MARKER)
     if os.path.exists(marker):
         os.remove(marker)  # the old index is replaced: incomplete until the new marker is written
-    result.save(os.path.join(out_dir, INDEX_FILE))
-    info = {"spec": result.spec, "dim": index.dim, "metric": metric, "ntotal": result.ntotal, "shards": files}
-    atomic_write_text(marker, json.dumps(info, indent=1))
-    return result
+    info: dict[str, Any] = {"spec": index.spec, "dim": index.dim, "metric": metric, "ntotal": len(all_ids)}
+    if on_disk:
+        _check_total(_build_on_disk(ray, trained, files, index.dim, out_dir, num_cpus_per_task), len(all_ids))
+        info["ivfdata_bytes"] = os.path.getsize(os.path.join(out_dir, IVFDATA_FILE))
+    else:
+        task = ray.remote(num_cpus=num_cpus_per_task)(_add_shard)
+        parts = ray.get([task.remote(trained, path, index.dim) for path in files])
+        merged = _merge([faiss.deserialize_index(np.frombuffer(blob, dtype=np.uint8)) for blob, _ in parts])
+        result = Index(merged, spec=index.spec, device="cpu")
+        _check_total(result.ntotal, len(all_ids))
+        result.save(os.path.join(out_dir, INDEX_FILE))
+        if os.path.exists(os.path.join(out_dir, IVFDATA_FILE)):
+            os.remove(os.path.join(out_dir, IVFDATA_FILE))  # of an earlier on-disk build
+    atomic_write_text(marker, json.dumps({**info, "on_disk": on_disk, "shards": files}, indent=1))
+    return load_index(out_dir, device="cpu") if on_disk else result
+
+
+def _check_total(ntotal: int, expected: int) -> None:
+    if ntotal != expected:
+        raise StateError(f"the merged index holds {ntotal} vectors, the shards {expected}")
+
+
+def _check_on_disk(index: Any, spec: str) -> None:
+    """``ConfigError`` unless ``index`` is an IVF index (optionally behind a vector transform) whose lists are all
+    its data, so FAISS can keep them on disk (not IVFPQR, not a refine wrapper with its own copy of the vectors)."""
+    inner: Any = faiss.downcast_index(index)
+    while isinstance(inner, faiss.IndexPreTransform):
+        inner = faiss.downcast_index(inner.index)
+    if not isinstance(inner, faiss.IndexIVF) or isinstance(inner, faiss.IndexIVFPQR):
+        raise ConfigError(
+            f"on_disk needs an IVF index with plain inverted lists (e.g. 'IVF4096,Flat', 'OPQ64,IVF4096,PQ64'), got "
+            f"{spec!r}; build it in memory (on_disk=False / no --on-disk) or pick an IVF spec"
+        )
+
+
+def _build_on_disk(ray: Any, trained: Any, files: list[str], dim: int, out_dir: str, num_cpus: float) -> int:
+    """Shards added into part files by parallel tasks, merged into ``index.ivfdata`` by one task; the parts are
+    deleted afterwards. Returns the merged index's number of vectors."""
+    parts_dir = os.path.join(out_dir, PARTS_DIR)
+    shutil.rmtree(parts_dir, ignore_errors=True)  # of an interrupted build
+    parts = [os.path.abspath(os.path.join(parts_dir, f"part-{k:05d}.faiss")) for k in range(len(files))]
+    task = ray.remote(num_cpus=num_cpus)(_add_shard_to_file)
+    ray.get([task.remote(trained, path, dim, part) for path, part in zip(files, parts)])
+    merge = ray.remote(num_cpus=num_cpus, max_calls=1)(_merge_to_disk)  # max_calls=1: the worker exits after it
+    ntotal = ray.get(merge.remote(trained, parts, os.path.abspath(out_dir)))
+    shutil.rmtree(parts_dir)
+    return ntotal
 
 
 def _merge(parts: list[Any]) -> Any:
@@ -108,19 +214,41 @@ def _merge(parts: list[Any]) -> Any:
     return first
 
 
-def load_index(out_dir: str, device: str = "auto") -> Index:
-    """The index a completed :func:`build_index` wrote; ``StateError`` for an unfinished build."""
-    marker = os.path.join(out_dir, MARKER)
+def _read_info(out_dir: str) -> dict[str, Any]:
+    """The completion marker of a finished build; ``StateError`` for an unfinished one."""
     if not os.path.isdir(out_dir):
         raise MissingFileError(f"no index folder at {out_dir!r}")
+    marker = os.path.join(out_dir, MARKER)
     if not os.path.isfile(marker):
         raise StateError(
             f"{out_dir!r} holds no finished index ({MARKER} missing: the build was interrupted or is still "
             "running); rerun metrank.scale.index.build_index"
         )
     with open(marker, encoding="utf-8") as f:
-        info = json.load(f)
-    index = Index.load(os.path.join(out_dir, INDEX_FILE), device=device)
+        return json.load(f)
+
+
+def _load_on_disk(out_dir: str, info: dict[str, Any], device: str) -> Index:
+    """``index.faiss`` read without its lists, which are then mapped read-only from the ``index.ivfdata`` beside
+    it (wherever the folder has moved since the build)."""
+    ivfdata = os.path.abspath(os.path.join(out_dir, IVFDATA_FILE))
+    if not os.path.isfile(ivfdata) or os.path.getsize(ivfdata) != info["ivfdata_bytes"]:
+        raise StateError(f"{ivfdata!r} is missing or not the file {MARKER} describes; rebuild the index")
+    cpu = faiss.read_index(os.path.join(out_dir, INDEX_FILE), faiss.IO_FLAG_SKIP_IVF_DATA | faiss.IO_FLAG_READ_ONLY)
+    lists = _lists(cpu)
+    lists.filename = ivfdata
+    lists.do_mmap()
+    return OnDiskIndex(cpu, spec=info["spec"], device=device)
+
+
+def load_index(out_dir: str, device: str = "auto") -> Index:
+    """The index a completed :func:`build_index` wrote (on-disk merge: an :class:`OnDiskIndex` mapping
+    ``index.ivfdata``); ``StateError`` for an unfinished build."""
+    info = _read_info(out_dir)
+    if info.get("on_disk"):
+        index = _load_on_disk(out_dir, info, device)
+    else:
+        index = Index.load(os.path.join(out_dir, INDEX_FILE), device=device)
     if index.ntotal != info["ntotal"] or index.dim != info["dim"]:
         raise StateError(f"{out_dir!r}: the index file does not match {MARKER}; rebuild it")
     return index
@@ -129,10 +257,11 @@ def load_index(out_dir: str, device: str = "auto") -> Index:
 def to_retriever(out_dir: str, model: Any = None, modality: str = "vector", device: str = "auto") -> Retriever:
     """A :class:`metrank.search.Retriever` over a completed build: the merged index as its index, the shards' rows
     (ids, vectors, sources as image paths or texts) as its items; ``retriever.save(folder)`` then makes a folder
-    ``metrank serve`` loads. ``model``: the model that made the embeddings (for text/image queries), or ``None``."""
+    ``metrank serve`` loads (from an on-disk build, that folder's index reads ``out_dir/index.ivfdata`` in place:
+    keep ``out_dir``, and rebuild into a new one). ``model``: the model that made the embeddings (for text/image
+    queries), or ``None``."""
     index = load_index(out_dir, device)
-    with open(os.path.join(out_dir, MARKER), encoding="utf-8") as f:
-        info = json.load(f)
+    info = _read_info(out_dir)
     ids, vectors, sources = read_shards(info["shards"])
     if modality not in MODALITIES:
         raise InputError(f"modality must be one of {MODALITIES}, got {modality!r}")
