@@ -8,11 +8,14 @@ dashed).
 
     python eval/train_results.py                      # everything (about 15-30 min on 2 CPU cores)
     python eval/train_results.py --only infonce triplet --epochs 2 --out /tmp/results   # quick check
+    python eval/train_results.py --suite modes --runs runs/modes --curves assets/training_curves.png
+    python eval/train_results.py --suite losses --runs runs/losses
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Sequence
@@ -38,6 +41,33 @@ EXPERIMENTS = [
     ("emoji_instance", "train/configs/emoji_instance.yaml", []),
     ("tuxpaint", "train/configs/tuxpaint_image_text.yaml", []),
 ]
+# Issue 9 suites, reported from finished run directories (``--suite NAME --runs DIR``; a missing run is trained first).
+# modes: one budget for every row (same data, InfoNCE, 64 px, batch 128, cosine schedule, 6 epochs); only what
+# trains differs, with the backbone learning rate usual for the mode (LoRA 5e-4, full 5e-5, last_n 1e-4).
+EMOJI_MODES = "train/configs/emoji_modes.yaml"
+MODE_EPOCHS = "train.epochs=6"
+SUITES: dict[str, list[tuple[str, str, list[str]]]] = {
+    "modes": [
+        ("heads", EMOJI_MODES, ["model.image.mode=heads", "model.text.mode=heads", MODE_EPOCHS]),
+        ("last_n", EMOJI_MODES, ["model.image.mode=last_n", "model.text.mode=last_n", MODE_EPOCHS]),
+        (
+            "lora",
+            EMOJI_MODES,
+            ["model.image.mode=lora", "model.text.mode=lora", "model.image.lr=5e-4", "model.text.lr=5e-4", MODE_EPOCHS],
+        ),
+        (
+            "full",
+            EMOJI_MODES,
+            ["model.image.mode=full", "model.text.mode=full", "model.image.lr=5e-5", "model.text.lr=5e-5", MODE_EPOCHS],
+        ),
+    ],
+    # losses in the best mode (heads, the main config: 128 px, batch 256, 30 epochs)
+    "losses": [
+        *[(name, config, overrides) for name, config, overrides in EXPERIMENTS[:4]],
+        ("cprd", EMOJI, ["loss.name=cprd"]),
+        ("cross_modal_quadruplet", EMOJI, ["loss.name=cross_modal_quadruplet"]),
+    ],
+}
 BASELINES = [
     ("emoji frozen ridge", EMOJI),
     ("emoji_instance frozen", "train/configs/emoji_instance.yaml"),
@@ -181,6 +211,85 @@ def plot(path: Path, runs: list[dict[str, Any]], baselines: list[dict[str, Any]]
     plt.close(fig)
 
 
+def run_dir_result(name: str, config: str, overrides: Sequence[str], runs: Path, extra: Sequence[str]) -> dict:
+    """The results of one suite run: read from ``runs/<name>`` when it finished there, else trained first."""
+    from metrank.encoders import read_checkpoint
+
+    out = runs / name
+    if not (out / "model_best.pt").is_file():
+        Trainer(load_config(REPO / config, [*overrides, *extra, f"output.dir={out}"])).fit()
+    best = read_checkpoint(out / "model_best.pt")["extra"]
+    final = read_checkpoint(out / "model_final.pt")["extra"]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r["epoch_s"] for r in records if r.get("epoch_s") is not None]
+    return {
+        "name": name,
+        "best": best["test_metrics"],
+        "final": final["test_metrics"],
+        "best_epoch": best["train_best"]["epoch"],
+        "epochs": max(r["epoch"] for r in records),
+        "epoch_s": sum(epochs) / max(len(epochs), 1),
+        "loss": records[-1].get("loss"),
+        "records": records,
+        "command": command(config, overrides),
+    }
+
+
+def suite_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown: a ``best`` (validation-selected) and a ``final`` (last epoch) row per run, test-split recalls."""
+    head = ["run", "model", *IMAGE_TEXT_COLUMNS, "best epoch (val)", "s/epoch", "final train loss", "command"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for row in rows:
+        for which in ("best", "final"):
+            cells = [fmt(float(row[which][k])) for k in IMAGE_TEXT_COLUMNS]
+            tail = (
+                [f"{row['best_epoch']} / {row['epochs']}", f"{row['epoch_s']:.1f}", f"{row['loss']:.3f}"]
+                if which == "best"
+                else ["", "", ""]
+            )
+            command_cell = f"`{row['command']}`" if which == "best" else "same run, `model_final.pt`"
+            lines.append("| " + " | ".join([row["name"], which, *cells, *tail, command_cell]) + " |")
+    return "\n".join(lines)
+
+
+def plot_train_vs_heldout(path: Path, rows: Sequence[dict[str, Any]], key: str = "t2i_R@1") -> None:
+    """One panel per run: ``key`` per epoch on the training probe (training identities) and the validation split."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(rows), figsize=(3.6 * len(rows), 3.4), sharey=True, squeeze=False)
+    for ax, row in zip(axes[0], rows):
+        for column, label, style in ((f"train_{key}", "train identities", "--"), (key, "validation (held out)", "-")):
+            points = [(r["epoch"], r[column]) for r in row["records"] if column in r]
+            if points:
+                ax.plot(*zip(*points), style, marker=".", label=label)
+        ax.axhline(float(row["final"][key]), color="gray", linestyle=":", label="test, final")
+        ax.set_title(row["name"])
+        ax.set_xlabel("epoch")
+    axes[0][0].set_ylabel(f"{key} (%)")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"emoji {key}: training identities vs held-out identities per epoch")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run_suite(args: argparse.Namespace) -> int:
+    runs = Path(args.runs)
+    rows = [
+        run_dir_result(name, config, overrides, runs, args.set)
+        for name, config, overrides in SUITES[args.suite]
+        if not args.only or name in args.only
+    ]
+    print(suite_table(rows))
+    if args.curves:
+        plot_train_vs_heldout(Path(args.curves), rows)
+        print(f"wrote {args.curves}")
+    return 0
+
+
 def main(argv: Sequence[str] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="*", help="experiment names to run (default: all)")
@@ -194,8 +303,18 @@ def main(argv: Sequence[str] = None) -> int:
         help="only the transfer check: MODEL (an emoji-trained model_best.pt) and the emoji ridge map, zero-shot on "
         "the Tux Paint test split; writes <out>/zero_shot_tuxpaint.md",
     )
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for --zero-shot configs")
+    parser.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for --zero-shot and --suite runs"
+    )
+    parser.add_argument(
+        "--suite",
+        choices=sorted(SUITES),
+        help="only this issue-9 suite: report (training what is missing) the runs under --runs as a markdown table",
+    )
+    parser.add_argument("--curves", help="with --suite: draw train vs held-out t2i R@1 per epoch to this PNG")
     args = parser.parse_args(argv)
+    if args.suite:
+        return run_suite(args)
     if args.zero_shot:
         rows = zero_shot(Path(args.zero_shot), EMOJI, "train/configs/tuxpaint_image_text.yaml", args.set)
         table = format_table([r["metrics"] for r in rows], names=[r["name"] for r in rows])

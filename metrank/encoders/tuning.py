@@ -36,6 +36,13 @@ LORA_DEFAULTS = {
     "open_clip_text": ["in_proj", "out_proj", "c_fc", "c_proj"],
 }
 
+# parameter-name prefixes (relative to the backbone) of the stem, per family: what runs before the first block
+STEM_PREFIXES = {
+    "efficientnet": ("conv_stem.", "bn1."),
+    "vit": ("patch_embed.", "cls_token", "reg_token", "pos_embed", "norm_pre."),
+    "bert": ("transformer.embeddings.",),
+}
+
 
 @dataclass
 class BlockSplit:
@@ -68,6 +75,19 @@ class BlockSplit:
         """The last ``k`` blocks and the tail."""
         self.check_blocks(k)
         return [self.blocks[i] for i in range(self.n_blocks - k, self.n_blocks)] + self.tail_modules()
+
+    def block_prefix(self) -> str:
+        """Parameter-name prefix of the blocks (relative to the backbone): ``blocks.`` / ``...encoder.layer.``."""
+        return "transformer.encoder.layer." if self.kind == "bert" else "blocks."
+
+    def layer_of(self, name: str) -> int:
+        """Layer id of a backbone parameter (``name`` relative to the backbone, LoRA adapters included), BEiT style:
+        0 = the stem (what runs before block 0), ``i + 1`` = block ``i``, ``n + 1`` = the tail after the last block."""
+        if name.startswith(self.block_prefix()):
+            return int(name[len(self.block_prefix()) :].split(".", 1)[0]) + 1
+        if name.startswith(STEM_PREFIXES[self.kind]):
+            return 0
+        return self.n_blocks + 1
 
     def check_blocks(self, k: int) -> None:
         if not 1 <= k <= self.n_blocks:

@@ -63,6 +63,9 @@ class DataConfig:
     augment: bool = False  # train transform: random resized crop + colour jitter (+ flip if the dataset allows)
     kwargs: dict[str, Any] = field(default_factory=dict)  # passed to create_dataset for both splits
     train_kwargs: dict[str, Any] = field(default_factory=dict)  # and these for the training split only
+    # image_text training: each epoch, each image pairs with this many of its captions, drawn afresh per epoch
+    # (seeded; metrank.training.caption_sampling); null = every caption every epoch
+    captions_per_image: int | None = None
     fetch: bool = True  # fetch the dataset through metrank.data when it is missing
     max_classes: int | None = None  # keep only the first N classes / identities of each split (small runs)
     max_per_class: int | None = None  # and only the first N items (images) of each class
@@ -121,6 +124,9 @@ class OptimConfig:
     loss_weight_decay: float = 0.0
     backbone_lr: float | None = None  # learning rate of trained backbone weights (last_n/lora/full); null = lr / 10
     backbone_weight_decay: float | None = None  # null = weight_decay
+    # layer-wise learning-rate decay of trained backbones (BEiT / ELECTRA): block i of n (0-based) gets
+    # backbone_lr * layer_decay ** (n - i), the stem layer_decay ** (n + 1), the tail after the last block 1; null = off
+    layer_decay: float | None = None
 
 
 @dataclass
@@ -161,6 +167,9 @@ class EvalConfig:
     at_start: bool = True  # evaluate the untrained heads as epoch 0
     ks: list[int] = field(default_factory=lambda: [1, 5, 10])
     select: str | None = None  # metric that picks the best model; null = rsum (image_text) / R@1 (metric)
+    # also evaluate a fixed, seeded subset of the *training* identities (as many as the validation split, embedded
+    # the same way: eval transform, plain captions) every epoch, logged as train_<metric>: train vs held-out curves
+    train_probe: bool = True
 
 
 @dataclass
@@ -309,6 +318,13 @@ def config_from_dict(values: dict[str, Any]) -> TrainConfig:
             raise ConfigError(f"model.{tower}.mode=last_n needs model.{tower}.blocks >= 1, got {spec.blocks}")
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
+    if cfg.optim.layer_decay is not None and not 0.0 < cfg.optim.layer_decay <= 1.0:
+        raise ConfigError(f"optim.layer_decay must be in (0, 1] or null, got {cfg.optim.layer_decay}")
+    if cfg.data.captions_per_image is not None:
+        if cfg.data.captions_per_image < 1:
+            raise ConfigError(f"data.captions_per_image must be >= 1 or null, got {cfg.data.captions_per_image}")
+        if cfg.task != "image_text":
+            raise ConfigError("data.captions_per_image samples captions: it needs task=image_text")
     if cfg.train.grad_cache is not None and cfg.train.grad_cache < 1:
         raise ConfigError(f"train.grad_cache must be >= 1 rows per chunk or null, got {cfg.train.grad_cache}")
     if cfg.train.accumulate < 1:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -37,6 +37,23 @@ def build_optimizer(
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     raise ConfigError(f"unknown optimizer {cfg.name!r}; valid names: adamw, sgd")
+
+
+def layer_decay_groups(
+    named: Sequence[tuple[str, torch.nn.Parameter]],
+    layer_of: Callable[[str], int],
+    n_blocks: int,
+    lr: float,
+    decay: float,
+) -> list[tuple[list[torch.nn.Parameter], float]]:
+    """Layer-wise learning-rate decay (Clark et al. 2020, ELECTRA; Bao et al. 2022, BEiT): a backbone parameter of
+    layer id ``l`` (``layer_of``: 0 = stem, ``i + 1`` = block ``i``, ``n + 1`` = tail) gets
+    ``lr * decay ** (n + 1 - l)``, i.e. block ``i`` of ``n`` trains at ``lr * decay ** (n - i)``: layers near the
+    input, which hold the most general features, move least. One ``(params, lr)`` group per layer, in layer order."""
+    by_layer: dict[int, list[torch.nn.Parameter]] = {}
+    for name, param in named:
+        by_layer.setdefault(layer_of(name), []).append(param)
+    return [(by_layer[layer], lr * decay ** (n_blocks + 1 - layer)) for layer in sorted(by_layer)]
 
 
 def lr_factor(step: int, total_steps: int, cfg: ScheduleConfig) -> float:

@@ -190,15 +190,17 @@ class TrainModule(nn.Module):
         image_emb = self.embed_images(image_rows)
         return self.loss_of(image_emb, self.embed_texts(other) if self.task == "image_text" else other, ids, **extra)
 
-    def model_parameters(self) -> dict[str, list[nn.Parameter]]:
-        """Trained model parameters by group: ``heads`` (projections) and ``image``/``text`` backbone parts."""
+    def model_parameters(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """Trained model parameters by group, as ``(name, parameter)``: ``heads`` (projections) and the
+        ``image``/``text`` backbone parts (names relative to the backbone)."""
         params = dict(self.model.named_parameters())
-        groups: dict[str, list[nn.Parameter]] = {"heads": [], "image": [], "text": []}
+        groups: dict[str, list[tuple[str, nn.Parameter]]] = {"heads": [], "image": [], "text": []}
         for name in self.trainable_names:
             if name.startswith(("image_projection.", "text_projection.")):
-                groups["heads"].append(params[name])
+                groups["heads"].append((name, params[name]))
             else:
-                groups["image" if name.startswith("image_backbone.") else "text"].append(params[name])
+                tower = "image" if name.startswith("image_backbone.") else "text"
+                groups[tower].append((name.split(".", 1)[1], params[name]))
         return groups
 
     def loss_parameters(self) -> list[nn.Parameter]:

@@ -39,6 +39,7 @@ from metrank.distributed import resolve_device
 from metrank.encoders import create_model, save_checkpoint
 from metrank.encoders.tuning import (
     apply_tuning,
+    block_split,
     lora_settings,
     require_split,
     tower_backbone,
@@ -48,6 +49,7 @@ from metrank.errors import ConfigError, InputError
 from metrank.losses import LOSSES, CrossModalLoss, create_loss, is_paired
 from metrank.miners import create_miner
 from metrank.samplers import SAMPLERS, create_sampler
+from metrank.training.caption_sampling import CaptionSlots
 from metrank.training.checkpoint import load_training_state, save_training_state, set_rng_state
 from metrank.training.config import TowerConfig, TrainConfig, save_config
 from metrank.training.feature_cache import cached, feature_cache_key, image_fingerprint, text_fingerprint
@@ -61,7 +63,7 @@ from metrank.training.feature_sets import (
 )
 from metrank.training.gradcache import grad_cache_backward
 from metrank.training.metrics_log import MetricsLog
-from metrank.training.optim import build_optimizer, build_scheduler
+from metrank.training.optim import build_optimizer, build_scheduler, layer_decay_groups
 from metrank.training.teacher import build_teacher
 from metrank.training.towers import EMA, ImageRows, Rows, TensorRows, Tower, TrainModule
 
@@ -270,11 +272,13 @@ class Trainer:
         if self.val_sel is not None and cfg.data.train_kwargs:  # validate as the test split is read, not as trained
             plain = select_rows(cfg, open_dataset(cfg, cfg.data.train_split), "val")
             self.val_sel = plain.subset("val", np.unique(self.val_sel.image_ids))
+        self.probe_sel = self._train_probe(train_sel) if cfg.eval.train_probe and self.val_sel is not None else None
         self.test_sel = select_rows(cfg, open_dataset(cfg, cfg.data.eval_split), "test")
         self.mirror = bool(self.train_sel.dataset.mirror_invariant)
         self.train_rows = self._rows(self.train_sel, train=True)
         self.val_rows = self._rows(self.val_sel, train=False) if self.val_sel is not None else None
         self.test_rows = self._rows(self.test_sel, train=False)
+        self.probe_rows = self._rows(self.probe_sel, train=False) if self.probe_sel is not None else None
 
         teacher = self._teacher() if needs_teacher(cfg.loss.name) else None
         self.loss, self.miner = build_loss(cfg, teacher)
@@ -311,17 +315,17 @@ class Trainer:
                 broadcast_buffers=False,
             )
 
-        labels = (
-            torch.from_numpy(self.train_sel.caption_ids)
-            if self.has_text
-            else torch.from_numpy(self.train_sel.image_ids)
-        )
+        self.slots = self._caption_slots()
+        if self.slots is not None:  # the sampler draws caption slots (identity of the slot's image)
+            labels = torch.from_numpy(self.train_sel.image_ids[self.slots.slot_image])
+        else:
+            labels = torch.from_numpy(self.train_sel.caption_ids if self.has_text else self.train_sel.image_ids)
         self.sampler = build_sampler(
             cfg,
             labels,
             lambda: embed_rows(self.module.embed_images, self.train_rows.image, self.device, 256),
         )
-        self.sampler.set_epoch(1)
+        self._set_epoch(1)
         self.steps_per_epoch = len(self.sampler)
         if self.steps_per_epoch == 0:
             raise InputError(
@@ -332,9 +336,10 @@ class Trainer:
         self.total_steps = -(-self.steps_per_epoch // acc) * cfg.train.epochs
         groups = self.module.model_parameters()
         backbone_groups = [
-            (groups[tower], _tower_lr(cfg, self.specs[tower])) for tower in self.towers_used() if groups[tower]
+            g for tower in self.towers_used() if groups[tower] for g in self._backbone_groups(tower, groups)
         ]
-        self.optimizer = build_optimizer(cfg.optim, groups["heads"], self.module.loss_parameters(), backbone_groups)
+        heads = [p for _, p in groups["heads"]]
+        self.optimizer = build_optimizer(cfg.optim, heads, self.module.loss_parameters(), backbone_groups)
         self.scheduler = build_scheduler(cfg.schedule, self.optimizer, self.total_steps)
         amp_dtype = torch.bfloat16 if cfg.train.amp_dtype == "bfloat16" else torch.float16
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=amp_dtype)) if cfg.train.amp else nullcontext
@@ -374,6 +379,38 @@ class Trainer:
                 raise ConfigError(
                     f"{key}={value} must be a multiple of train.accumulate={acc} (states are saved between optimizer steps)"
                 )
+
+    def _train_probe(self, train_sel: Selection) -> Selection:
+        """A fixed subset of the training identities, as many as the validation split (seeded by ``train.seed``),
+        read as the validation split is (plain captions when ``data.train_kwargs`` change the training rows)."""
+        assert self.val_sel is not None
+        n = len(np.unique(self.val_sel.image_ids))
+        ids = np.random.default_rng([self.cfg.train.seed, 1]).permutation(np.unique(self.train_sel.image_ids))[:n]
+        source = train_sel
+        if self.cfg.data.train_kwargs:
+            source = select_rows(self.cfg, open_dataset(self.cfg, self.cfg.data.train_split), "train")
+        return source.subset("trainprobe", ids)
+
+    def _caption_slots(self) -> CaptionSlots | None:
+        """``data.captions_per_image`` captions of each training image per epoch (:mod:`.caption_sampling`)."""
+        sel, per_image = self.train_sel, self.cfg.data.captions_per_image
+        if sel.caption_image is None or per_image is None:
+            return None
+        return CaptionSlots(sel.caption_image, len(sel.image_index), per_image, self.cfg.train.seed)
+
+    def _backbone_groups(self, tower: str, groups: dict[str, list]) -> list[tuple[list[torch.nn.Parameter], float]]:
+        """The optimizer groups of a tower's trained backbone part: one at the tower's learning rate, or one per
+        layer with ``optim.layer_decay`` (:func:`metrank.training.optim.layer_decay_groups`)."""
+        lr, decay = _tower_lr(self.cfg, self.specs[tower]), self.cfg.optim.layer_decay
+        if decay is None:
+            return [([p for _, p in groups[tower]], lr)]
+        split = block_split(tower_backbone(self.model, tower))
+        if split is None:
+            raise ConfigError(
+                f"optim.layer_decay needs the blocks of the {tower} backbone, but "
+                f"{type(tower_backbone(self.model, tower)).__name__} has no block split here; set optim.layer_decay=null"
+            )
+        return layer_decay_groups(groups[tower], split.layer_of, split.n_blocks, lr, decay)
 
     def towers_used(self) -> list[str]:
         return ["image", "text"] if self.has_text else ["image"]
@@ -515,11 +552,18 @@ class Trainer:
         return self.ema.state() if self.ema is not None else self.module.trainable_state()
 
     # ------------------------------------------------------------------ loop
+    def _set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+        if self.slots is not None:
+            self.slots.set_epoch(epoch)
+
     def _batch(self, indices: list[int]) -> tuple[Any, Any, torch.Tensor | None, dict[str, Any]]:
         idx = torch.as_tensor(indices, dtype=torch.long)
         rows, extra = self.train_rows, {}
         if self.has_text:
             assert rows.text is not None
+            if self.slots is not None:  # caption slots -> this epoch's captions
+                idx = torch.from_numpy(self.slots.captions(np.asarray(indices)))
             images = rows.caption_image[idx]
             if needs_teacher(self.cfg.loss.name):
                 extra = {
@@ -591,8 +635,16 @@ class Trainer:
             self.ema.update()
 
     def _evaluate(self, rows: SplitRows) -> dict[str, float]:
+        """Metrics of the evaluated weights on ``rows`` (the validation split), plus ``train_<metric>`` on the
+        training probe (recalls and rsum) when ``eval.train_probe``."""
         with self._weights(self._eval_state() if self.ema is not None else None):
-            return evaluate(self.module, rows, list(self.cfg.eval.ks), self.device, self.cfg.train.feature_batch_size)
+            result = evaluate(self.module, rows, list(self.cfg.eval.ks), self.device, self.cfg.train.feature_batch_size)
+            if self.probe_rows is not None:
+                probe = evaluate(
+                    self.module, self.probe_rows, list(self.cfg.eval.ks), self.device, self.cfg.train.feature_batch_size
+                )
+                result.update({f"train_{k}": v for k, v in probe.items() if "R@" in k or k in ("rsum", "MAP@R")})
+            return result
 
     def fit(self, resume: bool | str | Path = False) -> TrainResult:
         cfg, start = self.cfg, time.perf_counter()
@@ -642,7 +694,7 @@ class Trainer:
         acc = cfg.train.accumulate
         self.optimizer.zero_grad(set_to_none=True)
         while epoch <= cfg.train.epochs:
-            self.sampler.set_epoch(epoch)
+            self._set_epoch(epoch)
             self.module.train()
             bar = tqdm(
                 total=self.steps_per_epoch,
