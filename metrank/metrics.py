@@ -282,6 +282,7 @@ def _check_gallery(gallery: Array, dim: int) -> np.ndarray:
 ROUNDING = 2.0**-24  # unit roundoff of float32
 TILE_COLUMNS = 8192  # gallery columns per score tile
 TILE_ROWS = 1024  # queries per score tile (fewer when queries have many relevant items)
+GROUP = 64  # columns per group maximum in the scan of a score tile
 
 
 @dataclass
@@ -304,14 +305,25 @@ class RelevantItems:
         return (self.index >= 0).sum(1)
 
 
-def _exact_scores(q: np.ndarray, g: np.ndarray, metric: str) -> np.ndarray:
-    """float64 scores of row pairs (q[i], g[i]): products of float32 numbers are exact in float64 and the same row
-    pair always gives the same value, wherever it sits (unlike a BLAS tile)."""
-    out = np.empty(len(q), np.float64)
-    step = max(1, (1 << 22) // q.shape[1])
-    for start in range(0, len(q), step):
-        a, b = q[start : start + step].astype(np.float64), g[start : start + step].astype(np.float64)
-        out[start : start + step] = (a * b).sum(1) if metric == "ip" else -((a - b) ** 2).sum(1)
+def _exact_scores(query: np.ndarray, q_rows: np.ndarray, gallery: np.ndarray, g_rows: np.ndarray, metric: str):
+    """float64 scores of the row pairs (query[q_rows[i]], gallery[g_rows[i]]) -- or of query[q_rows[i]] with each
+    gallery[g_rows[i, j]] when ``g_rows`` is [n, w]. Products of float32 numbers are exact in float64 and every pair
+    is summed in the same order wherever it sits (numpy's reduction over a contiguous last axis of length d), so
+    identical vectors score identically (unlike a BLAS tile). Gathers in chunks that stay in cache."""
+    out = np.empty(g_rows.shape, np.float64)
+    step = max(1, (1 << 16) // max(1, query.shape[1] * int(np.prod(g_rows.shape[1:]))))
+    for start in range(0, len(q_rows), step):
+        a = query[q_rows[start : start + step]].astype(np.float64)
+        b = gallery[g_rows[start : start + step]].astype(np.float64)
+        if b.ndim == 3:
+            a = a[:, None, :]
+        if metric == "ip":
+            b *= a
+            out[start : start + step] = b.sum(-1)
+        else:
+            b -= a
+            b *= b
+            out[start : start + step] = -b.sum(-1)
     return out
 
 
@@ -351,11 +363,9 @@ def shard_relevant_items(
     width = int(n.max(initial=0))
     slot = np.arange(width)[None, :]
     valid = slot < n[:, None]
-    rows = np.where(valid, order[np.minimum(lo[:, None] + slot, len(shard) - 1)], -1)
+    rows = np.where(valid, order[np.minimum(lo[:, None] + slot, max(len(shard) - 1, 0))], -1)
     valid &= rows != self_rows[:, None]
-    scores = np.full(rows.shape, -np.inf)
-    q_of = np.broadcast_to(np.arange(len(query))[:, None], rows.shape)[valid]
-    scores[valid] = _exact_scores(query[q_of], shard[rows[valid]], metric)
+    scores = _exact_scores(query, np.arange(len(query)), shard, np.maximum(rows, 0), metric)
     index = np.where(valid, rows + offset, -1)
     items = RelevantItems(np.where(valid, scores, np.inf), index, valid.sum(1))
     return merge_relevant_items([items], limit)
@@ -391,6 +401,12 @@ def _float32_bounds(t: np.ndarray, slack: np.ndarray) -> tuple[np.ndarray, np.nd
     return np.where(np.isinf(t), inf, lo), np.where(np.isinf(t), inf, hi)
 
 
+def rank_caps(relevant: RelevantItems, rank_cap: int | None) -> np.ndarray | None:
+    """Each query's rank cap: ``max(rank_cap, its kept relevant items)`` (``None``: no cap). Ranks at or beyond the
+    cap are reported as the cap; R@K and P@K for K <= ``rank_cap``, MAP@R and R-precision need no more."""
+    return None if rank_cap is None else np.maximum(check_positive_int(rank_cap, "rank_cap"), relevant.n_kept)
+
+
 def shard_rank_counts(
     query: Array,
     relevant: RelevantItems,
@@ -399,6 +415,7 @@ def shard_rank_counts(
     query_index: Array | None = None,
     metric: str = "ip",
     device: str = "auto",
+    rank_cap: int | None = None,
 ) -> np.ndarray:
     """Per-shard rank counts: ``counts[i, p]`` (int64 [Q, L]) = how many items of this gallery shard that are not
     query i's relevant items (nor query i itself) outrank its p-th relevant item (``relevant``: the merged
@@ -409,47 +426,87 @@ def shard_rank_counts(
     are looked at. An entry whose tile score lies within the GEMM rounding bound of a relevant score (a near-tie, an
     identical vector) is rescored exactly (float64) and ties go to the lower gallery index, so the counts are exact.
     Relevant items cut off by a ``limit`` never outrank a kept one, so they need no exclusion.
+
+    ``rank_cap`` (see :func:`rank_caps`): once a relevant item is known to rank at or beyond its query's cap, entries
+    that outrank only such items are no longer looked at -- the bound rises to the lowest item still below the cap --
+    so a query costs O(cap) candidates instead of O(rank of its lowest relevant item). The count of such an item is
+    then a lower bound that still reaches the cap; ``ranks_from_counts(..., rank_cap)`` clips it, and the clipped
+    ranks stay additive over shards.
     """
     query, shard = _as_float32(query, "query"), _check_gallery(shard, np.shape(query)[1])
     _check_metric(metric)
     n_q, width = relevant.index.shape
     if n_q != len(query):
         raise InputError(f"relevant items are for {n_q} queries, got {len(query)} queries")
-    self_index = _query_index(query_index, n_q)
-    hist = np.zeros((n_q, width + 1), np.int64)  # hist[i, k]: items outranking exactly k relevant items of query i
-    kept = relevant.n_kept
-    todo = np.flatnonzero(kept > 0)
-    dev = resolve_device(device)
-    d = query.shape[1]
-    q_norm = np.sqrt(np.einsum("ij,ij->i", query, query, dtype=np.float64))
-    g_norm = float(np.sqrt(np.einsum("ij,ij->i", shard, shard, dtype=np.float64).max()))
-    slack = 2 * (d + 4) * ROUNDING * (q_norm * g_norm if metric == "ip" else (q_norm + g_norm) ** 2)
-    lo, hi = _float32_bounds(relevant.scores, slack[:, None])
-    g = torch.from_numpy(shard).to(dev)
-    g_sq = (g * g).sum(1) if metric == "l2" else None
+    counter = _ShardCounter(query, relevant, shard, offset, _query_index(query_index, n_q), metric, device)
+    caps = rank_caps(relevant, rank_cap)
+    counts = np.zeros((n_q, width), np.int64)
+    todo = np.flatnonzero(relevant.n_kept > 0)
     rows_per_block = max(1, min(TILE_ROWS, (1 << 22) // max(width, 1)))
     for start in range(0, len(todo), rows_per_block):
         rows = todo[start : start + rows_per_block]
-        q = torch.from_numpy(query[rows]).to(dev)
-        q_sq = (q * q).sum(1) if g_sq is not None else None
-        bound = lo[rows, kept[rows] - 1][:, None]  # the lowest kept relevant score, minus the slack
+        counts[rows] = counter.count(rows, None if caps is None else caps[rows])
+    return counts
+
+
+class _ShardCounter:
+    """The rank counting of :func:`shard_rank_counts` for one gallery shard, a block of query rows at a time."""
+
+    def __init__(
+        self,
+        query: np.ndarray,
+        relevant: RelevantItems,
+        shard: np.ndarray,
+        offset: int,
+        self_index: np.ndarray,
+        metric: str,
+        device: str,
+    ) -> None:
+        self.query, self.relevant, self.shard, self.offset = query, relevant, shard, offset
+        self.self_index, self.metric = self_index, metric
+        d = query.shape[1]
+        q_norm = np.sqrt(np.einsum("ij,ij->i", query, query, dtype=np.float64))
+        g_norm = float(np.sqrt(np.einsum("ij,ij->i", shard, shard, dtype=np.float64).max(initial=0)))
+        slack = 2 * (d + 4) * ROUNDING * (q_norm * g_norm if metric == "ip" else (q_norm + g_norm) ** 2)
+        self.lo, self.hi = _float32_bounds(relevant.scores, slack[:, None])
+        self.device = resolve_device(device)
+        self.g = torch.from_numpy(shard).to(self.device)
+        self.g_sq = (self.g * self.g).sum(1) if metric == "l2" else None
+        self._tile: torch.Tensor | None = None
+
+    def count(self, rows: np.ndarray, caps: np.ndarray | None) -> np.ndarray:
+        """Counts [len(rows), L] of the query rows ``rows`` (each with a kept relevant item) against the shard."""
+        relevant, width = self.relevant, self.relevant.index.shape[1]
+        kept = relevant.n_kept[rows]
+        q = torch.from_numpy(self.query[rows]).to(self.device)
+        q_sq = (q * q).sum(1) if self.g_sq is not None else None
         # entries that never count: the kept relevant items and the query itself (block row, shard row)
-        skip = np.concatenate([relevant.index[rows], self_index[rows, None]], 1) - offset
-        skip_r, skip_k = np.nonzero((skip >= 0) & (skip < len(shard)))
+        skip = np.concatenate([relevant.index[rows], self.self_index[rows, None]], 1) - self.offset
+        skip_r, skip_k = np.nonzero((skip >= 0) & (skip < len(self.shard)))
         skip_c = skip[skip_r, skip_k]
         # each block row's kept relevant bounds as sorted (row, value) keys: counting the bounds below a candidate is
         # one binary search, O(log L) per candidate however many relevant items a query has
-        held = np.arange(width)[None, :] < kept[rows][:, None]
+        slots = np.arange(width)[None, :]
+        held = slots < kept[:, None]
         block_row = np.broadcast_to(np.arange(len(rows))[:, None], held.shape)[held]
-        hi_keys, lo_keys = np.sort(_row_keys(block_row, hi[rows][held])), np.sort(_row_keys(block_row, lo[rows][held]))
-        first = np.concatenate([[0], np.cumsum(kept[rows])[:-1]])
-        for col in range(0, len(shard), TILE_COLUMNS):
-            s = q @ g[col : col + TILE_COLUMNS].T
-            if g_sq is not None and q_sq is not None:  # negated squared distance
-                s.mul_(2).sub_(g_sq[None, col : col + TILE_COLUMNS]).sub_(q_sq[:, None])
-            in_tile = (skip_c >= col) & (skip_c < col + s.shape[1])
+        lo, hi = self.lo[rows], self.hi[rows]
+        hi_keys, lo_keys = np.sort(_row_keys(block_row, hi[held])), np.sort(_row_keys(block_row, lo[held]))
+        first = np.concatenate([[0], np.cumsum(kept)[:-1]])
+        counts = np.zeros((len(rows), width), np.int64)
+        below_cap = kept.copy()  # relevant items (a prefix) not yet known to rank at or beyond the cap
+        if self._tile is None or self._tile.numel() < len(rows) * TILE_COLUMNS:  # reused: no page faults per tile
+            self._tile = torch.empty(len(rows) * TILE_COLUMNS, device=self.device)
+        for col, stop in _column_tiles(len(self.shard)):
+            if not below_cap.any():
+                break
+            # the lowest relevant score that still matters, minus the slack: nothing below it is ever counted
+            bound = np.where(below_cap > 0, lo[np.arange(len(rows)), np.maximum(below_cap - 1, 0)], np.inf)[:, None]
+            s = torch.matmul(q, self.g[col:stop].T, out=self._tile[: len(rows) * (stop - col)].view(len(rows), -1))
+            if self.g_sq is not None and q_sq is not None:  # negated squared distance
+                s.mul_(2).sub_(self.g_sq[None, col:stop]).sub_(q_sq[:, None])
+            in_tile = (skip_c >= col) & (skip_c < stop)
             s[torch.from_numpy(skip_r[in_tile]), torch.from_numpy(skip_c[in_tile] - col)] = -torch.inf
-            r, c, v = _above(s, bound)
+            r, c, v = _above(s, bound.astype(np.float32))
             if not len(r):
                 continue
             key = _row_keys(r, v)
@@ -458,13 +515,27 @@ def shard_rank_counts(
             near = np.flatnonzero(n_low != n_above)
             if len(near):
                 q_rows, g_rows = rows[r[near]], c[near] + col
-                exact = _exact_scores(query[q_rows], shard[g_rows], metric)[:, None]
+                exact = _exact_scores(self.query, q_rows, self.shard, g_rows, self.metric)[:, None]
                 t, t_index = relevant.scores[q_rows], relevant.index[q_rows]
-                n_above[near] = ((exact > t) | ((exact == t) & (g_rows[:, None] + offset < t_index))).sum(1)
-            hist += np.bincount(rows[r] * (width + 1) + n_above, minlength=hist.size).reshape(hist.shape)
-    suffix = np.cumsum(hist[:, ::-1], 1)[:, ::-1]  # suffix[i, k]: items outranking at least k relevant items of i
-    need = kept[:, None] - np.arange(width)[None, :]  # relevant item p is outranked by those outranking >= kept - p
-    return np.where(need > 0, np.take_along_axis(suffix, np.clip(need, 0, width), 1), 0)
+                n_above[near] = ((exact > t) | ((exact == t) & (g_rows[:, None] + self.offset < t_index))).sum(1)
+            # hist[i, k]: entries outranking exactly the k lowest relevant items of block row i; relevant item p is
+            # outranked by those outranking at least kept - p of them
+            hist = np.bincount(r * (width + 1) + n_above, minlength=len(rows) * (width + 1)).reshape(len(rows), -1)
+            suffix = np.cumsum(hist[:, ::-1], 1)[:, ::-1]
+            need = kept[:, None] - slots
+            counts += np.where(need > 0, np.take_along_axis(suffix, np.clip(need, 0, width), 1), 0)
+            if caps is not None:  # p + counts[p] rises with p: the items below the cap stay a prefix
+                below_cap = (held & (slots + counts < caps[:, None])).sum(1)
+        return counts
+
+
+def _column_tiles(n: int) -> Iterator[tuple[int, int]]:
+    """Column ranges of the score tiles: narrow first, doubling up to TILE_COLUMNS -- with a rank cap, the first
+    narrow tiles raise the bounds before the wide ones are scanned, so fewer entries are candidates."""
+    start, width = 0, max(1, TILE_COLUMNS // 8)
+    while start < n:
+        yield start, min(start + width, n)
+        start, width = start + width, min(2 * width, TILE_COLUMNS)
 
 
 def _row_keys(row: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -476,15 +547,26 @@ def _row_keys(row: np.ndarray, x: np.ndarray) -> np.ndarray:
 
 
 def _above(s: torch.Tensor, bound: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Row, column and float32 score of the entries of ``s`` at or above their row's ``bound``, row-major (on the
-    CPU through numpy's compare and flatnonzero, several times faster than torch.nonzero)."""
+    """Row, column and float32 score of the entries of ``s`` at or above their row's ``bound`` [rows, 1], row-major.
+
+    On the CPU, the maxima of GROUP-column groups (torch, all threads) find the groups that hold such an entry, and
+    only those are compared entry by entry -- one cheap pass over the tile when candidates are sparse; dense tiles go
+    through numpy's compare and flatnonzero directly (several times faster than torch.nonzero)."""
     if s.is_cuda:
         rt, ct = torch.nonzero(s >= torch.from_numpy(bound).to(s.device)).unbind(1)
         return rt.cpu().numpy(), ct.cpu().numpy(), s[rt, ct].cpu().numpy()
+    n_rows, n_cols = s.shape
     values = s.numpy()
+    if n_cols % GROUP == 0:
+        group_max = s.view(n_rows, n_cols // GROUP, GROUP).amax(2).numpy()
+        hit_r, hit_g = np.nonzero(group_max >= bound)
+        if len(hit_r) <= group_max.size // 4:
+            groups = values.reshape(n_rows, -1, GROUP)[hit_r, hit_g]
+            h, at = np.nonzero(groups >= bound[hit_r])
+            return hit_r[h], hit_g[h] * GROUP + at, groups[h, at]
     flat = np.flatnonzero(values >= bound)
-    r = np.repeat(np.arange(len(values)), np.diff(np.searchsorted(flat, np.arange(len(values) + 1) * values.shape[1])))
-    return r, flat - r * values.shape[1], values.ravel()[flat]
+    r = flat // n_cols
+    return r, flat - r * n_cols, values.ravel()[flat]
 
 
 def combine_rank_counts(parts: Sequence[np.ndarray]) -> np.ndarray:
@@ -496,11 +578,15 @@ def combine_rank_counts(parts: Sequence[np.ndarray]) -> np.ndarray:
     return np.sum(parts, axis=0)
 
 
-def ranks_from_counts(relevant: RelevantItems, counts: np.ndarray) -> np.ndarray:
+def ranks_from_counts(relevant: RelevantItems, counts: np.ndarray, rank_cap: int | None = None) -> np.ndarray:
     """0-based rank r_p of each relevant item in the whole gallery: the relevant items ahead of it (p, from the
-    ranking order) plus the non-relevant items outranking it (``counts``); -1 in unused slots."""
-    p = np.arange(relevant.index.shape[1])[None, :]
-    return np.where(relevant.index >= 0, p + counts, -1)
+    ranking order) plus the non-relevant items outranking it (``counts``); -1 in unused slots. With the ``rank_cap``
+    the counts were taken with, ranks at or beyond a query's cap (:func:`rank_caps`) are reported as the cap."""
+    ranks = np.arange(relevant.index.shape[1])[None, :] + counts
+    caps = rank_caps(relevant, rank_cap)
+    if caps is not None:
+        ranks = np.minimum(ranks, caps[:, None])
+    return np.where(relevant.index >= 0, ranks, -1)
 
 
 def relevant_ranks(
@@ -513,12 +599,14 @@ def relevant_ranks(
     device: str = "auto",
     chunk_size: int | None = None,
     progress: bool | None = None,
+    rank_cap: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Ranks of every relevant gallery item of every query, in one process: ``(ranks [Q, L], n_relevant [Q])``.
 
     ``ranks[i, p]`` is the 0-based rank of query i's p-th best relevant item (-1: unused slot); ``limit`` keeps the
-    best ``limit`` per query; ``gallery=None`` is leave-one-out on the query set. Queries are processed in chunks,
-    each against the whole gallery as one shard.
+    best ``limit`` per query; ``gallery=None`` is leave-one-out on the query set; ``rank_cap`` reports ranks at or
+    beyond ``max(rank_cap, kept relevant items)`` as that value, which is much faster when relevant items rank deep
+    (:func:`shard_rank_counts`). Queries are processed in chunks, each against the whole gallery as one shard.
     """
     query = _as_float32(query, "query")
     query_labels = _labels(query_labels, len(query), "query_labels")
@@ -540,8 +628,8 @@ def relevant_ranks(
         relevant = shard_relevant_items(
             query[rows], query_labels[rows], gallery, gallery_labels, query_index=self_index, metric=metric, limit=limit
         )
-        counts = shard_rank_counts(query[rows], relevant, gallery, query_index=self_index, metric=metric, device=device)
-        parts.append((ranks_from_counts(relevant, counts), relevant.n_relevant))
+        counts = shard_rank_counts(query[rows], relevant, gallery, 0, self_index, metric, device, rank_cap)
+        parts.append((ranks_from_counts(relevant, counts, rank_cap), relevant.n_relevant))
     width = max(p[0].shape[1] for p in parts)
     ranks = np.concatenate([np.pad(r, ((0, 0), (0, width - r.shape[1])), constant_values=-1) for r, _ in parts])
     return ranks, np.concatenate([n for _, n in parts])
@@ -604,8 +692,9 @@ def retrieval_metrics(
     every relevant item instead of the best max(ks).
     """
     ks = _check_ks(ks)
+    limit = None if map_at_r else ks[-1]
     ranks, n_relevant = relevant_ranks(
-        query, query_labels, gallery, gallery_labels, None if map_at_r else ks[-1], metric, device, chunk_size, progress
+        query, query_labels, gallery, gallery_labels, limit, metric, device, chunk_size, progress, rank_cap=ks[-1]
     )
     return metrics_from_ranks(ranks, n_relevant, ks, map_at_r)
 

@@ -152,6 +152,56 @@ def test_relevant_ranks_match_brute_force_with_ties_duplicates_and_singletons(sm
     assert_ranks_equal(ranks, n_relevant, reference_ranks(x[70:], labels[70:], gallery, g_labels, metric), limit=3)
 
 
+@pytest.fixture(params=["dense", "grouped"])
+def scan(request, monkeypatch):
+    """Both ways a score tile is scanned: entry by entry, and by group maxima first (GROUP-wide column groups)."""
+    monkeypatch.setattr(metrics, "TILE_ROWS", 17)
+    monkeypatch.setattr(metrics, "TILE_COLUMNS", 23 if request.param == "dense" else 32)
+    monkeypatch.setattr(metrics, "GROUP", 4)
+
+
+def capped(reference, cap, limit=None):
+    """Brute-force ranks clipped the way ``rank_cap`` reports them: at max(cap, kept relevant items)."""
+    return [np.minimum(ref, max(cap, len(ref) if limit is None else min(len(ref), limit))) for ref in reference]
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+@pytest.mark.parametrize("cap", [1, 3, 40])
+def test_rank_cap_clips_ranks_exactly_and_shards_still_add_up(scan, metric, cap):
+    rng = np.random.default_rng(30 + cap)
+    x = quantised(rng, 150, 4, 2)
+    x[100:120] = x[:20]
+    labels = rng.integers(0, 12, 150)
+    ranks, n_relevant = relevant_ranks(x, labels, metric=metric, rank_cap=cap, chunk_size=53)
+    expected = capped(reference_ranks(x, labels, metric=metric), cap)
+    assert_ranks_equal(ranks, n_relevant, expected)
+    uncapped, _ = relevant_ranks(x, labels, metric=metric)
+    assert_ranks_equal(uncapped, n_relevant, reference_ranks(x, labels, metric=metric))
+    # sharded: each shard saturates on its own counts; the clipped sum is the single-process answer
+    query, q_labels, gallery, g_labels = x[:60], labels[:60], x[60:], labels[60:]
+    bounds = [0, 30, 31, 90]
+    shards = [(lo, gallery[lo:hi], g_labels[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    for limit in (None, 2):
+        relevant = merge_relevant_items(
+            [shard_relevant_items(query, q_labels, g, lab, lo, metric=metric, limit=limit) for lo, g, lab in shards],
+            limit,
+        )
+        counts = combine_rank_counts(
+            [shard_rank_counts(query, relevant, g, lo, metric=metric, rank_cap=cap) for lo, g, _ in shards]
+        )
+        ranks = ranks_from_counts(relevant, counts, rank_cap=cap)
+        reference = capped(reference_ranks(query, q_labels, gallery, g_labels, metric), cap, limit)
+        assert_ranks_equal(ranks, relevant.n_relevant, reference, limit=limit)
+
+
+def test_grouped_scan_matches_brute_force_with_ties(scan):
+    rng = np.random.default_rng(41)
+    x = quantised(rng, 200, 4, 1)  # almost every score tied
+    labels = rng.integers(0, 30, 200)
+    ranks, n_relevant = relevant_ranks(x, labels)
+    assert_ranks_equal(ranks, n_relevant, reference_ranks(x, labels))
+
+
 def test_ranks_have_no_k_cap_and_match_brute_force_deep_in_the_gallery():
     # the only relevant item sits behind thousands of others: far past any top-k cut (FAISS GPU stops at 2048)
     rng = np.random.default_rng(9)
