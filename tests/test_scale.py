@@ -99,11 +99,11 @@ def test_merged_sharded_ivf_index_equals_one_built_in_one_process(ray_cluster, t
     x, _ = clustered(3000, 16, 40, seed=1)
     shards = write_shards(tmp_path / "emb", x, [0, 1200, 1201, 3000])
     merged = build_index(str(shards), str(tmp_path / "index"), spec="IVF32,Flat", train_size=10_000)
-    on_disk = build_index(str(shards), str(tmp_path / "ondisk"), spec="IVF32,Flat", train_size=10_000, on_disk=True)
-    assert sorted(p.name for p in (tmp_path / "ondisk").iterdir()) == ["COMPLETE.json", "index.faiss", "index.ivfdata"]
-    assert (tmp_path / "ondisk" / "index.faiss").stat().st_size < 10_000  # quantiser and list offsets only
     single = create_index("IVF32,Flat", 16, device="cpu")
     single.train(x, max_train=None)  # the build trained on every vector too (train_size >= N), in shard order
+    on_disk = build_index(str(shards), str(tmp_path / "ondisk"), on_disk=True, trained=single)  # its quantiser
+    assert sorted(p.name for p in (tmp_path / "ondisk").iterdir()) == ["COMPLETE.json", "index.faiss", "index.ivfdata"]
+    assert (tmp_path / "ondisk" / "index.faiss").stat().st_size < 10_000  # quantiser and list offsets only
     single.add(x, np.arange(len(x)))
     loaded = load_index(str(tmp_path / "index"), device="cpu")
     (tmp_path / "ondisk").rename(tmp_path / "moved")  # the lists are mapped from the folder the index is in
@@ -130,6 +130,7 @@ def test_merged_sharded_ivf_index_equals_one_built_in_one_process(ray_cluster, t
 
 def test_sharded_index_bad_input_and_interrupted_build(ray_cluster, tmp_path):
     from metrank.errors import ConfigError, InputError, StateError
+    from metrank.index import create_index
     from metrank.scale.index import IVFDATA_FILE, MARKER, PARTS_DIR, build_index, load_index
     from metrank.scale.shards import write_shard
 
@@ -146,8 +147,12 @@ def test_sharded_index_bad_input_and_interrupted_build(ray_cluster, tmp_path):
     for spec in ("Flat", "HNSW8", "IVF4,PQ2x4,RFlat"):  # RFlat: a refine wrapper, whose flat copy is in RAM
         with pytest.raises(ConfigError, match="on_disk needs an IVF index .* build it in memory"):
             build_index(str(good), str(tmp_path / "i3"), spec=spec, on_disk=True)
-    build_index(str(good), str(tmp_path / "i3"), spec="Flat")
+    flat = build_index(str(good), str(tmp_path / "i3"), spec="Flat")
     assert load_index(str(tmp_path / "i3"), device="cpu").ntotal == 400
+    with pytest.raises(InputError, match="trained must be a trained, empty index"):
+        build_index(str(good), str(tmp_path / "i5"), trained=flat)
+    with pytest.raises(InputError, match="dimension 8 but the other shards have 6"):
+        build_index(str(good), str(tmp_path / "i5"), trained=create_index("Flat", 6))
     (tmp_path / "i3" / MARKER).unlink()  # as if the build had been killed before its last step
     with pytest.raises(StateError, match="no finished index"):
         load_index(str(tmp_path / "i3"))

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,7 +37,7 @@ from metrank.atomic import atomic_path, atomic_write_text
 from metrank.errors import ConfigError, InputError, MissingFileError, StateError
 from metrank.index import Index, create_index
 from metrank.scale.cluster import connect
-from metrank.scale.shards import read_shard, read_shard_ids, read_shards, shard_files
+from metrank.scale.shards import check_shard_dims, read_shard, read_shard_ids, read_shards, shard_files
 from metrank.search import Retriever
 from metrank.search.snapshot import resolve_model
 from metrank.search.store import MODALITIES, ItemStore
@@ -114,27 +115,70 @@ def build_index(
     seed: int = 0,
     num_cpus_per_task: float = 1,
     on_disk: bool = False,
+    trained: Index | None = None,
 ) -> Index:
     """Build one index over embedding shards (a folder from :func:`metrank.scale.embed.embed` or a list of Parquet
     files): train ``spec`` on ``train_size`` vectors sampled evenly from the shards, add every shard in its own Ray
     task, merge (``on_disk=True``: into ``index.ivfdata``, never holding the index in RAM; IVF specs only), and
     write ``out_dir`` (see the module docstring). On a cluster ``out_dir`` must be on storage every node sees.
-    Returns the merged index (on disk: mapped from the files); :func:`to_retriever` serves it.
+    Returns the merged index (on disk: mapped from the files); :func:`to_retriever` serves it. ``COMPLETE.json``
+    records the seconds spent training, adding, and merging + writing.
 
-    ``InputError`` when a shard's dimension differs from the others or an id occurs twice; ``ConfigError`` for an
-    on-disk merge of a non-IVF spec.
+    ``trained``: an already trained, empty index (a previous build's quantiser, one trained elsewhere) used as is
+    instead of training ``spec`` (``metric``, ``train_size`` and ``seed`` are then unused).
+
+    ``InputError`` when a shard's dimension differs from the others (or from ``trained``), an id occurs twice, or
+    ``trained`` is untrained or not empty; ``ConfigError`` for an on-disk merge of a non-IVF spec.
     """
     ray = connect()
     files = shard_files(shards)
+    dim = check_shard_dims(files, None if trained is None else trained.dim)
     ids_per_shard = [read_shard_ids(path) for path in files]
     all_ids = np.concatenate(ids_per_shard)
     unique, counts = np.unique(all_ids, return_counts=True)
     if (counts > 1).any():
         raise InputError(f"ids occur in more than one row of the shards, e.g. {unique[counts > 1][:5].tolist()}")
+    start = time.perf_counter()
+    index = _trained_index(files, dim, spec, metric, train_size, seed, on_disk) if trained is None else trained
+    if not index.is_trained or index.ntotal:
+        raise InputError(f"trained must be a trained, empty index; got {index!r} with {index.ntotal} vectors")
+    if on_disk:
+        _check_on_disk(index._cpu, index.spec)
+    seconds = {"train": time.perf_counter() - start}
+    blob = ray.put(faiss.serialize_index(index._cpu).tobytes())
+    os.makedirs(out_dir, exist_ok=True)
+    marker = os.path.join(out_dir, MARKER)
+    if os.path.exists(marker):
+        os.remove(marker)  # the old index is replaced: incomplete until the new marker is written
+    info: dict[str, Any] = {"spec": index.spec, "dim": index.dim, "metric": index.metric, "ntotal": len(all_ids)}
+    if on_disk:
+        ntotal = _build_on_disk(ray, blob, files, index.dim, out_dir, num_cpus_per_task, seconds)
+        _check_total(ntotal, len(all_ids))
+        info["ivfdata_bytes"] = os.path.getsize(os.path.join(out_dir, IVFDATA_FILE))
+    else:
+        start = time.perf_counter()
+        task = ray.remote(num_cpus=num_cpus_per_task)(_add_shard)
+        parts = ray.get([task.remote(blob, path, index.dim) for path in files])
+        seconds["add"] = time.perf_counter() - start
+        merged = _merge([faiss.deserialize_index(np.frombuffer(part, dtype=np.uint8)) for part, _ in parts])
+        result = Index(merged, spec=index.spec, device="cpu")
+        _check_total(result.ntotal, len(all_ids))
+        result.save(os.path.join(out_dir, INDEX_FILE))
+        if os.path.exists(os.path.join(out_dir, IVFDATA_FILE)):
+            os.remove(os.path.join(out_dir, IVFDATA_FILE))  # of an earlier on-disk build
+        seconds["merge"] = time.perf_counter() - start - seconds["add"]
+    info.update(on_disk=on_disk, shards=files, seconds=seconds)
+    atomic_write_text(marker, json.dumps(info, indent=1))
+    return load_index(out_dir, device="cpu") if on_disk else result
+
+
+def _trained_index(
+    files: list[str], dim: int | None, spec: str, metric: str, train_size: int, seed: int, on_disk: bool
+) -> Index:
+    """``spec`` trained on ``train_size`` vectors sampled evenly from the shards (read one at a time)."""
     rng = np.random.default_rng(seed)
     share = max(1, -(-train_size // len(files)))
     sample: list[np.ndarray] = []
-    dim: int | None = None
     for path in files:
         _, vectors, _ = read_shard(path, dim)
         dim = vectors.shape[1]
@@ -142,28 +186,8 @@ def build_index(
         sample.append(vectors[take])
     index = create_index(spec, int(sample[0].shape[1]), metric=metric, device="cpu")
     if on_disk:
-        _check_on_disk(index._cpu, index.spec)
-    index.train(np.concatenate(sample), max_train=None)
-    trained = ray.put(faiss.serialize_index(index._cpu).tobytes())
-    os.makedirs(out_dir, exist_ok=True)
-    marker = os.path.join(out_dir, MARKER)
-    if os.path.exists(marker):
-        os.remove(marker)  # the old index is replaced: incomplete until the new marker is written
-    info: dict[str, Any] = {"spec": index.spec, "dim": index.dim, "metric": metric, "ntotal": len(all_ids)}
-    if on_disk:
-        _check_total(_build_on_disk(ray, trained, files, index.dim, out_dir, num_cpus_per_task), len(all_ids))
-        info["ivfdata_bytes"] = os.path.getsize(os.path.join(out_dir, IVFDATA_FILE))
-    else:
-        task = ray.remote(num_cpus=num_cpus_per_task)(_add_shard)
-        parts = ray.get([task.remote(trained, path, index.dim) for path in files])
-        merged = _merge([faiss.deserialize_index(np.frombuffer(blob, dtype=np.uint8)) for blob, _ in parts])
-        result = Index(merged, spec=index.spec, device="cpu")
-        _check_total(result.ntotal, len(all_ids))
-        result.save(os.path.join(out_dir, INDEX_FILE))
-        if os.path.exists(os.path.join(out_dir, IVFDATA_FILE)):
-            os.remove(os.path.join(out_dir, IVFDATA_FILE))  # of an earlier on-disk build
-    atomic_write_text(marker, json.dumps({**info, "on_disk": on_disk, "shards": files}, indent=1))
-    return load_index(out_dir, device="cpu") if on_disk else result
+        _check_on_disk(index._cpu, index.spec)  # before the training, which may take long
+    return index.train(np.concatenate(sample), max_train=None)
 
 
 def _check_total(ntotal: int, expected: int) -> None:
@@ -184,17 +208,22 @@ def _check_on_disk(index: Any, spec: str) -> None:
         )
 
 
-def _build_on_disk(ray: Any, trained: Any, files: list[str], dim: int, out_dir: str, num_cpus: float) -> int:
+def _build_on_disk(
+    ray: Any, trained: Any, files: list[str], dim: int, out_dir: str, num_cpus: float, seconds: dict[str, float]
+) -> int:
     """Shards added into part files by parallel tasks, merged into ``index.ivfdata`` by one task; the parts are
-    deleted afterwards. Returns the merged index's number of vectors."""
+    deleted afterwards. Returns the merged index's number of vectors; ``seconds`` gets the add and merge times."""
     parts_dir = os.path.join(out_dir, PARTS_DIR)
     shutil.rmtree(parts_dir, ignore_errors=True)  # of an interrupted build
     parts = [os.path.abspath(os.path.join(parts_dir, f"part-{k:05d}.faiss")) for k in range(len(files))]
+    start = time.perf_counter()
     task = ray.remote(num_cpus=num_cpus)(_add_shard_to_file)
     ray.get([task.remote(trained, path, dim, part) for path, part in zip(files, parts)])
+    seconds["add"] = time.perf_counter() - start
     merge = ray.remote(num_cpus=num_cpus, max_calls=1)(_merge_to_disk)  # max_calls=1: the worker exits after it
     ntotal = ray.get(merge.remote(trained, parts, os.path.abspath(out_dir)))
     shutil.rmtree(parts_dir)
+    seconds["merge"] = time.perf_counter() - start - seconds["add"]
     return ntotal
 
 

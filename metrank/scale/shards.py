@@ -34,6 +34,30 @@ def read_shard_ids(path: str) -> np.ndarray:
     return _read_table(path, ["id"]).column("id").to_numpy().astype(np.int64)
 
 
+def shard_dim(path: str) -> int | None:
+    """The embedding width a shard's schema declares (fixed-size lists; ``None`` for variable-length lists, whose
+    width :func:`read_shard` checks), read without the data."""
+    try:
+        column = pq.read_schema(path).field("embedding").type
+    except (OSError, KeyError, pa.ArrowInvalid) as err:
+        raise InputError(f"cannot read embedding shard {path!r}: {err}") from None
+    return column.list_size if pa.types.is_fixed_size_list(column) else None
+
+
+def check_shard_dims(files: Sequence[str], dim: int | None = None) -> int | None:
+    """The common embedding width of the shards (``None``: not declared by any schema); ``InputError`` for a shard
+    whose width differs from ``dim`` or from the first one's."""
+    for path in files:
+        width = shard_dim(path)
+        if width is not None and dim is not None and width != dim:
+            raise InputError(
+                f"{path!r}: embeddings have dimension {width} but the other shards have {dim}; "
+                "were the shards made by different models?"
+            )
+        dim = width if dim is None else dim
+    return dim
+
+
 def read_shard(path: str, dim: int | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """``(ids, vectors [n, dim] float32, sources)`` of one shard; ``InputError`` when its embeddings are not
     ``dim`` wide."""
