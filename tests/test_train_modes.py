@@ -89,8 +89,15 @@ def test_partial_and_lora_checkpoints_reload_to_the_trained_embeddings(mode, tmp
         LORA,
         ("model.image.mode=full", "data.augment=true", "train.ema=0.9"),
         ("model.image.mode=lora", "model.text.mode=last_n", "model.text.blocks=2", "train.grad_cache=5"),
+        (
+            "model.image.mode=heads",
+            "model.text.mode=full",
+            "optim.layer_decay=0.7",
+            "data.train_kwargs={caption_mode: phrases}",
+            "data.captions_per_image=1",
+        ),
     ],
-    ids=["last_n", "lora", "full-augment-ema", "lora-last_n-gradcache"],
+    ids=["last_n", "lora", "full-augment-ema", "lora-last_n-gradcache", "text-full-layer_decay-captions"],
 )
 def test_resume_is_bit_exact_in_every_mode(overrides, tmp_path, cache):
     common = (*overrides, "train.epochs=2")
