@@ -152,12 +152,14 @@ def test_relevant_ranks_match_brute_force_with_ties_duplicates_and_singletons(sm
     assert_ranks_equal(ranks, n_relevant, reference_ranks(x[70:], labels[70:], gallery, g_labels, metric), limit=3)
 
 
-@pytest.fixture(params=["dense", "grouped"])
+@pytest.fixture(params=["dense", "grouped", "grouped, binary search"])
 def scan(request, monkeypatch):
-    """Both ways a score tile is scanned: entry by entry, and by group maxima first (GROUP-wide column groups)."""
-    monkeypatch.setattr(metrics, "TILE_ROWS", 17)
+    """Every way a score tile is scanned: entry by entry or by group maxima first (GROUP-wide groups), candidates
+    compared with each relevant item or by binary search."""
+    monkeypatch.setattr(metrics, "TILE_ROWS", 16 if request.param != "dense" else 17)
     monkeypatch.setattr(metrics, "TILE_COLUMNS", 23 if request.param == "dense" else 32)
     monkeypatch.setattr(metrics, "GROUP", 4)
+    monkeypatch.setattr(metrics, "DIRECT_WIDTH", 0 if "binary" in request.param else 8)
 
 
 def capped(reference, cap, limit=None):
@@ -194,12 +196,20 @@ def test_rank_cap_clips_ranks_exactly_and_shards_still_add_up(scan, metric, cap)
         assert_ranks_equal(ranks, relevant.n_relevant, reference, limit=limit)
 
 
-def test_grouped_scan_matches_brute_force_with_ties(scan):
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_leave_one_out_symmetric_pass_matches_brute_force(scan, metric):
+    # leave-one-out scores each tile of x x^T once and counts it for both its rows and its columns; with a limit the
+    # kept relevant items are not symmetric (j kept for i, i cut off for j), which the transposed count must respect
     rng = np.random.default_rng(41)
     x = quantised(rng, 200, 4, 1)  # almost every score tied
+    x[150:170] = x[:20]
     labels = rng.integers(0, 30, 200)
-    ranks, n_relevant = relevant_ranks(x, labels)
-    assert_ranks_equal(ranks, n_relevant, reference_ranks(x, labels))
+    reference = reference_ranks(x, labels, metric=metric)
+    for limit in (None, 2):
+        ranks, n_relevant = relevant_ranks(x, labels, limit=limit, metric=metric)
+        assert_ranks_equal(ranks, n_relevant, reference, limit=limit)
+        general, _ = relevant_ranks(x, labels, limit=limit, metric=metric, chunk_size=64)  # row blocks, all columns
+        np.testing.assert_array_equal(general, ranks)
 
 
 def test_ranks_have_no_k_cap_and_match_brute_force_deep_in_the_gallery():
