@@ -17,6 +17,13 @@ disjoint gallery shards add up (``combine_rank_counts``) -- the basis of ``metra
 From the ranks: R@K = [r_0 < K], P@K = #{p: r_p < K} / K, MAP@R = (1/R) sum_{r_p < R} (p + 1) / (r_p + 1),
 R-precision = #{p: r_p < R} / R, medr/meanr from r_0.
 
+Two things keep the scan near the GEMM rate. A rank cap (``rank_caps``: R@K/P@K need ranks only below max K, MAP@R
+only below R): once a relevant item is known to rank at or beyond the cap, the query's bound rises to the next item,
+so a query costs O(cap) candidates, not O(rank of its deepest relevant item); the first tiles are narrow so bounds
+rise early, and a tile is read through group maxima, entry by entry only where a group reaches the bound. And
+leave-one-out (query set = gallery) scores each tile of the symmetric x x^T once, counting it for its rows and,
+transposed, for its columns: half the GEMM work.
+
 ``knn`` (exact, tie-stable top-k lists) uses an exact FAISS flat index (GPU when present) for the ``k + 1`` best
 items of each query, re-sorts equal-score runs by index, recomputes rows with a tie across the cut against the whole
 gallery, and indexes bit-identical gallery vectors once (BLAS rounds one dot product differently depending on the
