@@ -42,10 +42,12 @@ EXPERIMENTS = [
     ("tuxpaint", "train/configs/tuxpaint_image_text.yaml", []),
 ]
 # Issue 9 suites, reported from finished run directories (``--suite NAME --runs DIR``; a missing run is trained first).
-# modes: one budget for every row (same data, InfoNCE, 64 px, batch 128, cosine schedule, 6 epochs); only what
-# trains differs, with the backbone learning rate usual for the mode (LoRA 5e-4, full 5e-5, last_n 1e-4).
+# modes: one budget for every row (same data, InfoNCE, 64 px, batch 128, cosine schedule, 2 epochs: what LoRA and full
+# fine-tuning of both towers afford on the shared 2-core CPU); only what trains differs, with the backbone learning
+# rate usual for the mode (LoRA 5e-4, full 5e-5, last_n 1e-4).
 EMOJI_MODES = "train/configs/emoji_modes.yaml"
-MODE_EPOCHS = "train.epochs=6"
+PHRASES = "data.train_kwargs={caption_mode: phrases}"
+MODE_EPOCHS = "train.epochs=2"
 SUITES: dict[str, list[tuple[str, str, list[str]]]] = {
     "modes": [
         ("heads", EMOJI_MODES, ["model.image.mode=heads", "model.text.mode=heads", MODE_EPOCHS]),
@@ -66,6 +68,30 @@ SUITES: dict[str, list[tuple[str, str, list[str]]]] = {
         *[(name, config, overrides) for name, config, overrides in EXPERIMENTS[:4]],
         ("cprd", EMOJI, ["loss.name=cprd"]),
         ("cross_modal_quadruplet", EMOJI, ["loss.name=cross_modal_quadruplet"]),
+        ("cross_modal_quadruplet lam=0.1", EMOJI, ["loss.name=cross_modal_quadruplet", "loss.kwargs={lam: 0.1}"]),
+    ],
+    # regularisers against heads-only memorisation: caption variety (the name and each short name as captions, one
+    # or two drawn per image per epoch), dropout on the cached features; in the fine-tuning modes also augmentation
+    # (random resized crop + colour jitter; emoji are not mirror-invariant) and layer-wise lr decay
+    "regularise": [
+        ("heads, phrases, 1 per image", EMOJI, [PHRASES, "data.captions_per_image=1"]),
+        ("heads, phrases, 2 per image", EMOJI, [PHRASES, "data.captions_per_image=2"]),
+        ("heads, feature dropout 0.3", EMOJI, ["train.feature_dropout=0.3"]),
+        (
+            "last_n 2+2, augment, phrases, layer decay 0.7",
+            EMOJI_MODES,
+            [
+                "model.image.mode=last_n",
+                "model.text.mode=last_n",
+                "model.image.blocks=2",
+                "model.text.blocks=2",
+                "data.augment=true",
+                PHRASES,
+                "data.captions_per_image=1",
+                "optim.layer_decay=0.7",
+                MODE_EPOCHS,
+            ],
+        ),
     ],
 }
 BASELINES = [

@@ -6,10 +6,13 @@ features, a cached frozen prefix, raw images or tokens) is set per tower in the 
 Per step: a batch of row indices from the batch sampler, the loss on the L2-normalised embeddings (autocast when
 ``train.amp``; chunked with GradCache when ``train.grad_cache``), backward, optional clipping, optimizer and schedule
 step every ``train.accumulate`` batches, optional EMA. Per epoch: Recall@K on the *validation* split (identities
-carved from the training split, ``data.val_fraction``), which picks ``model_best.pt``; the test split is evaluated
-once at the end, for the best and the last model. Files: one log record per epoch (JSONL/CSV/TensorBoard/PNG), the
-training state (``checkpoints/last.pt``), ``model_best.pt`` / ``model_final.pt`` written with
-``metrank.encoders.save_checkpoint`` (``load_checkpoint`` and the search API load them).
+carved from the training split, ``data.val_fraction``), which picks ``model_best.pt``, and on a probe of as many
+training identities (``eval.train_probe``, logged as ``train_<metric>``: train vs held-out curves); the test split is
+evaluated once at the end, for the best and the last model. With ``data.captions_per_image`` the sampler draws
+caption slots whose captions are redrawn every epoch (:mod:`metrank.training.caption_sampling`). Files: one log
+record per epoch (JSONL/CSV/TensorBoard/PNG), the training state (``checkpoints/last.pt``), ``model_best.pt`` /
+``model_final.pt`` written with ``metrank.encoders.save_checkpoint`` (``load_checkpoint`` and the search API load
+them).
 
 Multi-process: launch with ``torchrun``; the process group is initialised from the environment (gloo on CPU,
 NCCL on CUDA), the train module is DDP-wrapped (with GradCache the gradients are all-reduced by hand), samplers give
