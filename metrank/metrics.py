@@ -511,6 +511,7 @@ class _RankCounter:
         from ``rows[0]`` on are scored, and those past ``rows[-1]`` count for their own rows too, transposed."""
         caps = rank_caps(self.relevant, rank_cap)
         q = torch.from_numpy(self.query[rows]).to(self.device)
+        q_sq = (q * q).sum(1)[:, None] if self.g_sq is not None else None
         if self.tile.numel() < len(rows) * TILE_COLUMNS:
             self.tile = torch.empty(len(rows) * TILE_COLUMNS, device=self.device)
         start = int(rows[0]) if self.symmetric else 0
@@ -518,8 +519,8 @@ class _RankCounter:
             if not self.symmetric and not self.below_cap[rows].any():
                 break
             s = torch.matmul(q, self.g[col:stop].T, out=self.tile[: len(rows) * (stop - col)].view(len(rows), -1))
-            if self.g_sq is not None:  # negated squared distance
-                s.mul_(2).sub_(self.g_sq[None, col:stop]).sub_((q * q).sum(1)[:, None])
+            if self.g_sq is not None and q_sq is not None:  # negated squared distance
+                s.mul_(2).sub_(self.g_sq[None, col:stop]).sub_(q_sq)
             self._count(rows, s, col, caps)
             past = max(col, int(rows[-1]) + 1)
             if self.symmetric and past < stop:  # the -inf the rows' own skips left there are skips of these rows too
