@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
-import resource
 import sys
 import time
 from collections.abc import Sequence
@@ -44,8 +43,17 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def _reset_peak() -> None:
+    """Reset this process's peak RSS (``VmHWM``) to its current RSS (Linux ``clear_refs`` 5), so the peak measured
+    is the step's, not the input preparation's."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    with open("/proc/self/status") as f:
+        hwm = next(line for line in f if line.startswith("VmHWM:"))
+    return int(hwm.split()[1]) / 1024
 
 
 def build(mode: str, args: argparse.Namespace, batch: int, device: torch.device) -> tuple[TrainModule, Any, Any, Any]:
@@ -66,7 +74,8 @@ def build(mode: str, args: argparse.Namespace, batch: int, device: torch.device)
                 rows[tower] = model.image_features(raw) if tower == "image" else model.text_features(raw)
             elif mode == "last_n":
                 towers[tower] = Tower(model, tower, mode, args.blocks, cached_prefix=True)
-                rows[tower] = towers[tower].split.prefix(raw, args.blocks)
+                parts = [towers[tower].split.prefix(raw[i : i + 256], args.blocks) for i in range(0, batch, 256)]
+                rows[tower] = tuple(torch.cat(p) for p in zip(*parts))
             else:
                 rows[tower] = raw
         if mode == "lora":
@@ -103,6 +112,7 @@ def measure(mode: str, args: argparse.Namespace, batch: int, chunk: int | None, 
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated() / 2**20
     else:
+        _reset_peak()
         base = _rss_mb()
     seconds = sum(step() for _ in range(args.steps)) / args.steps
     if device.type == "cuda":
@@ -145,12 +155,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--context", type=int, default=16)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (1 is faster on a shared machine)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}", flush=True)
 
     rows = {mode: run(mode, args, args.batch) for mode in args.modes}
-    print(f"\none optimizer step at batch {args.batch} ({args.image_size} px, {args.context} tokens):")
-    print(format_table(list(rows.values()), names=list(rows)))
+    if rows:
+        print(f"\none optimizer step at batch {args.batch} ({args.image_size} px, {args.context} tokens):")
+        print(format_table(list(rows.values()), names=list(rows)))
     if "full" in rows and "heads" in rows:
         print(f"full / heads step time: {rows['full']['step s'] / rows['heads']['step s']:.0f}x")
 

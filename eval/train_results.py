@@ -71,20 +71,35 @@ SUITES: dict[str, list[tuple[str, str, list[str]]]] = {
         ("cross_modal_quadruplet lam=0.1", EMOJI, ["loss.name=cross_modal_quadruplet", "loss.kwargs={lam: 0.1}"]),
     ],
     # regularisers against heads-only memorisation: caption variety (the name and each short name as captions, one
-    # or two drawn per image per epoch), dropout on the cached features; in the fine-tuning modes also augmentation
-    # (random resized crop + colour jitter; emoji are not mirror-invariant) and layer-wise lr decay
+    # or two drawn per image per epoch), dropout on the cached features; in last_n / lora also layer-wise lr decay
+    # and (lora) augmentation: random resized crop + colour jitter, no flip (emoji are not mirror-invariant); these
+    # at the modes-table budget (64 px, 2 epochs)
     "regularise": [
         ("heads, phrases, 1 per image", EMOJI, [PHRASES, "data.captions_per_image=1"]),
         ("heads, phrases, 2 per image", EMOJI, [PHRASES, "data.captions_per_image=2"]),
         ("heads, feature dropout 0.3", EMOJI, ["train.feature_dropout=0.3"]),
         (
-            "last_n 2+2, augment, phrases, layer decay 0.7",
+            "last_n 2+2, phrases, 1 per image, layer decay 0.7",
             EMOJI_MODES,
             [
                 "model.image.mode=last_n",
                 "model.text.mode=last_n",
                 "model.image.blocks=2",
                 "model.text.blocks=2",
+                PHRASES,
+                "data.captions_per_image=1",
+                "optim.layer_decay=0.7",
+                MODE_EPOCHS,
+            ],
+        ),
+        (
+            "lora, augment, phrases, 1 per image, layer decay 0.7",
+            EMOJI_MODES,
+            [
+                "model.image.mode=lora",
+                "model.text.mode=lora",
+                "model.image.lr=5e-4",
+                "model.text.lr=5e-4",
                 "data.augment=true",
                 PHRASES,
                 "data.captions_per_image=1",
