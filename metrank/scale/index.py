@@ -8,16 +8,17 @@ built in one process from the same trained index):
   moved into the first one (``IndexIVF.merge_from``); flat (non-IVF) indexes are merged by adding the shards'
   vectors in shard order. The driver holds the whole index.
 - on disk (``on_disk=True``, IVF only), for indexes larger than RAM: each task writes its filled shard index to
-  ``out_dir/parts/``; one merge task (a fresh Ray worker, so FAISS's memory maps of the parts go when it exits)
-  maps them (``IO_FLAG_MMAP``) and writes all inverted lists into one ``OnDiskInvertedLists`` file
-  (``faiss.contrib.ondisk.merge_ondisk``). Nothing holds more than one shard in RAM; the loaded index maps the
-  lists read-only, so the operating system pages them in and out as searches touch them.
+  ``out_dir/parts/``; one merge task maps them (``IO_FLAG_MMAP``) and writes all inverted lists into one
+  ``OnDiskInvertedLists`` file (``faiss.contrib.ondisk.merge_ondisk``). Every one of these tasks runs in a worker
+  that exits after it, so a filled shard's heap and FAISS's maps of the parts go back to the system. Nothing holds
+  more than one shard in RAM; the loaded index maps the lists read-only, so the operating system pages them in and
+  out as searches touch them.
 
 On disk (``out_dir``): ``index.faiss`` (the merged index; for an on-disk merge only the quantiser and the list
 offsets) and ``index.ivfdata`` (on-disk merge: the inverted lists), each written through ``metrank.atomic``, then
-``COMPLETE.json`` (spec, dim, ntotal, shards, on-disk file size). :func:`load_index` refuses a folder without the
-marker or whose files do not match it, so a killed build is never loaded as complete; rerunning the build replaces
-everything.
+``COMPLETE.json`` (spec, dim, ntotal, shards, on-disk file size, seconds per phase). :func:`load_index` refuses a
+folder without the marker or whose files do not match it, so a killed build is never loaded as complete; rerunning
+the build replaces everything.
 """
 
 from __future__ import annotations
@@ -217,7 +218,7 @@ def _build_on_disk(
     shutil.rmtree(parts_dir, ignore_errors=True)  # of an interrupted build
     parts = [os.path.abspath(os.path.join(parts_dir, f"part-{k:05d}.faiss")) for k in range(len(files))]
     start = time.perf_counter()
-    task = ray.remote(num_cpus=num_cpus)(_add_shard_to_file)
+    task = ray.remote(num_cpus=num_cpus, max_calls=1)(_add_shard_to_file)  # the heap of a filled shard goes too
     ray.get([task.remote(trained, path, dim, part) for path, part in zip(files, parts)])
     seconds["add"] = time.perf_counter() - start
     merge = ray.remote(num_cpus=num_cpus, max_calls=1)(_merge_to_disk)  # max_calls=1: the worker exits after it

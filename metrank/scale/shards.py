@@ -59,13 +59,13 @@ def check_shard_dims(files: Sequence[str], dim: int | None = None) -> int | None
 
 
 def read_shard(path: str, dim: int | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """``(ids, vectors [n, dim] float32, sources)`` of one shard; ``InputError`` when its embeddings are not
-    ``dim`` wide."""
+    """``(ids, vectors [n, dim] float32, sources)`` of one shard (read-only views of the Parquet data where the types
+    match: one copy of a shard in RAM); ``InputError`` when its embeddings are not ``dim`` wide."""
     table = _read_table(path, ["id", "embedding", "source"])
-    ids = table.column("id").to_numpy().astype(np.int64)
+    ids = np.asarray(table.column("id").to_numpy(), np.int64)
     column = table.column("embedding").combine_chunks()
     width = column.type.list_size if pa.types.is_fixed_size_list(column.type) else None
-    flat = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+    flat = np.asarray(column.flatten().to_numpy(zero_copy_only=False), np.float32)  # float32: Arrow's buffer, no copy
     if width is None:  # variable-length lists: every row must have the same length
         lengths = set(np.diff(column.offsets.to_numpy()).tolist())
         if len(lengths) != 1:
