@@ -183,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cached = [gc_rows[f"B={b} GradCache({args.chunk})"]["peak MB"] for b in args.gc_batches]
         print(
             f"peak memory B={last} vs B={first}: plain x{plain_growth:.1f}, GradCache "
-            f"x{cached[-1] / max(cached[0], 1e-9):.1f} (the inputs and embeddings still grow with B)"
+            f"x{cached[-1] / max(cached[0], 1e-9):.1f} (the B x B similarity matrices and the inputs still grow with B)"
         )
     return 0
 
