@@ -11,7 +11,7 @@ import pytorch_metric_learning.utils.inference  # noqa: F401  (patches faiss for
 
 ray = pytest.importorskip("ray")
 
-from metrank.metrics import retrieval_metrics  # noqa: E402
+from metrank.metrics import image_text_metrics, retrieval_metrics  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -56,7 +56,6 @@ def test_sharded_metrics_equal_single_process_metrics(ray_cluster):
 
 
 def test_sharded_image_text_metrics_equal_single_process_metrics(ray_cluster):
-    from metrank.metrics import image_text_metrics
     from metrank.scale.evaluate import image_text_metrics as sharded_image_text_metrics
 
     rng = np.random.default_rng(3)
@@ -262,6 +261,18 @@ def test_scale_commands_build_serve_and_evaluate(ray_cluster, tmp_path, capsys):
     assert main(argv) == 0
     expected = retrieval_metrics(x[:500], labels[:500], x[500:], labels[500:], ks=(1, 10))
     assert f"{expected['MAP@R']:.4f}" in capsys.readouterr().out
+    ids = np.repeat(np.arange(250), 2)  # images x[:250], two captions each: x[250:750]
+    (
+        np.save(tmp_path / "img.npy", x[:250]),
+        np.save(tmp_path / "txt.npy", x[250:750]),
+        np.save(tmp_path / "ids.npy", ids),
+    )
+    argv = ["scale", "evaluate", "--images", str(tmp_path / "img.npy"), "--texts", str(tmp_path / "txt.npy")]
+    assert main([*argv, "--text-image-ids", str(tmp_path / "ids.npy"), "--shards", "2"]) == 0
+    expected = image_text_metrics(x[:250], x[250:750], ids)
+    assert f"{expected['rsum']:.2f}" in capsys.readouterr().out
+    assert main(argv) == 2  # no --text-image-ids: a one-line error
+    assert "image-text mode needs" in capsys.readouterr().err
     assert main(["scale", "index", str(tmp_path / "missing"), str(tmp_path / "i2")]) == 2  # a MetrankError: one line
     capsys.readouterr()
     assert main(["scale", "index", str(shards), str(tmp_path / "i3"), "--spec", "IVF16,Flat", "--on-disk"]) == 0

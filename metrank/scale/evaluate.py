@@ -47,8 +47,10 @@ class GalleryShard:
             query, query_labels, self.vectors, self.labels, self.offset, query_index, self.metric, limit
         )
 
-    def counts(self, query, relevant, query_index):
-        return shard_rank_counts(query, relevant, self.vectors, self.offset, query_index, self.metric, self.device)
+    def counts(self, query, relevant, query_index, rank_cap):
+        return shard_rank_counts(
+            query, relevant, self.vectors, self.offset, query_index, self.metric, self.device, rank_cap
+        )
 
 
 def split_gallery(vectors: np.ndarray, labels: np.ndarray, n_shards: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -96,8 +98,10 @@ def _sharded_ranks(
     limit: int | None,
     query_chunk: int,
     leave_one_out: bool,
+    rank_cap: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``metrank.metrics.relevant_ranks`` over the actors' shards: ``(ranks [Q, L], n_relevant [Q])``."""
+    """``metrank.metrics.relevant_ranks`` over the actors' shards: ``(ranks [Q, L], n_relevant [Q])``; each shard
+    stops looking at entries that only outrank relevant items already past ``rank_cap`` on its own counts."""
     ranks, n_relevant = [], []
     for start in range(0, len(query), query_chunk):
         q, q_labels = query[start : start + query_chunk], query_labels[start : start + query_chunk]
@@ -107,8 +111,8 @@ def _sharded_ranks(
             ray.get([a.relevant.remote(q_ref, q_labels, own_ref, limit) for a in actors]), limit
         )
         relevant_ref = ray.put(relevant)
-        counts = combine_rank_counts(ray.get([a.counts.remote(q_ref, relevant_ref, own_ref) for a in actors]))
-        ranks.append(ranks_from_counts(relevant, counts))
+        counts = combine_rank_counts(ray.get([a.counts.remote(q_ref, relevant_ref, own_ref, rank_cap) for a in actors]))
+        ranks.append(ranks_from_counts(relevant, counts, rank_cap))
         n_relevant.append(relevant.n_relevant)
     width = max(r.shape[1] for r in ranks)
     all_ranks = np.concatenate([np.pad(r, ((0, 0), (0, width - r.shape[1])), constant_values=-1) for r in ranks])
@@ -142,7 +146,9 @@ def retrieval_metrics(
     limit = None if map_at_r else max(ks)
     dim = query.shape[1]
     with _gallery_actors(ray, gallery_shards, dim, metric, device, num_cpus_per_shard, num_gpus_per_shard) as actors:
-        ranks, n_relevant = _sharded_ranks(ray, actors, query, query_labels, limit, query_chunk, leave_one_out)
+        ranks, n_relevant = _sharded_ranks(
+            ray, actors, query, query_labels, limit, query_chunk, leave_one_out, rank_cap=max(ks)
+        )
     return metrics_from_ranks(ranks, n_relevant, ks, map_at_r)
 
 
