@@ -12,6 +12,11 @@ searches; it is rebuilt lazily after ``add``/``remove_ids``/parameter changes. S
 than the GPU k-selection supports (``k > GPU_MAX_K``) and index types FAISS cannot put on a GPU (HNSW, PQ) are
 answered by the CPU copy.
 
+An IVF index whose inverted lists are a file (``OnDiskInvertedLists``, e.g. a ``metrank scale index --on-disk``
+build) keeps them in ``index.ivfdata`` beside its ``index.faiss`` (``lists_file``): ``save`` copies them there, so
+a saved index owns its lists, and ``load`` maps them read-only -- such an index searches, and refuses to add or
+remove (FAISS would abort the process writing to a read-only map); rebuild it instead.
+
 Scores: inner products for ``metric="ip"`` (higher is better), squared L2 distances for ``metric="l2"`` (lower is
 better). Result slots past the number of stored items hold id -1 and score -inf (ip) or +inf (l2).
 """
@@ -19,21 +24,24 @@ better). Result slots past the number of stored items hold id -1 and score -inf 
 from __future__ import annotations
 
 import os
+import shutil
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import faiss
 import numpy as np
 import torch
 
 from metrank.atomic import atomic_path
-from metrank.errors import InputError, MissingFileError
+from metrank.errors import InputError, MissingFileError, StateError
 from metrank.registry import Registry
 from metrank.validation import check_embeddings, check_positive_int
 
 Array = np.ndarray | torch.Tensor
 
 METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
+LISTS_SUFFIX = ".ivfdata"  # on-disk inverted lists: index.faiss -> index.ivfdata
 GPU_MAX_K = 2048  # largest k (and nprobe) the FAISS GPU k-selection supports
 
 INDEX_SPECS: Registry[str] = Registry("index type")
@@ -186,10 +194,19 @@ class Index:
                 "with a representative sample (e.g. at least 39 vectors per IVF cell)"
             )
 
+    def _require_writable(self, action: str) -> None:
+        lists = on_disk_lists(self._cpu)
+        if lists is not None:
+            raise StateError(
+                f"cannot {action}: the index {self.spec!r} is read-only (its inverted lists are a memory map of "
+                f"{lists.filename!r}); add the items to the embedding shards and rebuild it (metrank scale index)"
+            )
+
     def add(self, x: Array, ids: Array | None = None) -> np.ndarray:
         """Add vectors; ``ids`` default to consecutive numbers after the largest id so far. Returns the ids."""
         x = _as_float32(x, "vectors", self.dim)
         self._require_trained("add")
+        self._require_writable("add")
         if ids is None:
             ids = np.arange(self._max_id() + 1, self._max_id() + 1 + x.shape[0], dtype=np.int64)
         else:
@@ -226,6 +243,7 @@ class Index:
 
     def remove_ids(self, ids: Array) -> int:
         """Remove the given ids (unknown ids are ignored); returns how many vectors were removed."""
+        self._require_writable("remove ids")
         if isinstance(ids, torch.Tensor):
             ids = ids.detach().cpu().numpy()
         ids = np.ascontiguousarray(np.atleast_1d(np.asarray(ids)))
@@ -277,22 +295,30 @@ class Index:
 
     # ---- persistence ------------------------------------------------------------------------------------------
     def save(self, path: str) -> None:
-        """Write the (CPU) index atomically: a temporary file in the same folder, then ``os.replace``."""
+        """Write the (CPU) index atomically: a temporary file in the same folder, then ``os.replace``; on-disk
+        inverted lists are copied to ``lists_file(path)`` first (the saved index owns them)."""
+        lists = on_disk_lists(self._cpu)
+        target = lists_file(path)
+        if lists is not None and os.path.abspath(lists.filename) != os.path.abspath(target):
+            with atomic_path(target) as tmp:
+                shutil.copyfile(lists.filename, tmp)
         with atomic_path(path) as tmp:
             faiss.write_index(self._cpu, tmp)
 
     @classmethod
-    def load(cls, path: str, device: str = "auto", gpu_mode: str = "shard") -> Index:
+    def load(cls, path: str, device: str = "auto", gpu_mode: str = "shard", spec: str = "") -> Index:
+        """The index ``save`` wrote (``spec``: its factory string, for messages; default: the FAISS class name)."""
         if not os.path.isfile(path):
             raise MissingFileError(f"no index file at {path!r}")
-        index = faiss.read_index(path)
+        index = _read_with_on_disk_lists(path) if os.path.isfile(lists_file(path)) else None
+        index = faiss.read_index(path) if index is None else index
         if (
             index.ntotal == 0
             and faiss.try_extract_index_ivf(index) is None
             and not hasattr(faiss.downcast_index(index), "id_map")
         ):
             index = faiss.IndexIDMap2(index)
-        return cls(index, device=device, gpu_mode=gpu_mode)
+        return cls(index, spec=spec, device=device, gpu_mode=gpu_mode)
 
     def memory_bytes(self) -> int:
         """Size of the serialised index (vectors/codes, ids, centroids, graph), counted without copying it; the
@@ -303,6 +329,31 @@ class Index:
         )
         faiss.write_index(self._cpu, writer)
         return counter[0]
+
+
+def lists_file(path: str) -> str:
+    """Where the on-disk inverted lists of the index file ``path`` live: beside it, ``index.faiss`` ->
+    ``index.ivfdata``."""
+    return os.path.splitext(path)[0] + LISTS_SUFFIX
+
+
+def on_disk_lists(index: faiss.Index) -> Any:
+    """The ``OnDiskInvertedLists`` of an IVF index whose lists are a file; ``None`` for any other index."""
+    ivf = faiss.try_extract_index_ivf(index)
+    lists = None if ivf is None or ivf.invlists is None else faiss.downcast_InvertedLists(ivf.invlists)
+    return lists if isinstance(lists, faiss.OnDiskInvertedLists) else None
+
+
+def _read_with_on_disk_lists(path: str) -> faiss.Index | None:
+    """``path`` read without its lists, which are then mapped read-only from ``lists_file(path)`` (wherever the
+    folder has moved since it was written); ``None`` when the index has no on-disk lists after all."""
+    index = faiss.read_index(path, faiss.IO_FLAG_SKIP_IVF_DATA | faiss.IO_FLAG_READ_ONLY)
+    lists = on_disk_lists(index)
+    if lists is None:
+        return None
+    lists.filename = os.path.abspath(lists_file(path))
+    lists.do_mmap()
+    return index
 
 
 def create_index(

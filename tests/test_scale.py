@@ -3,6 +3,7 @@ against their single-process counterparts."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +92,7 @@ def write_shards(folder, x, bounds, ids=None):
 
 
 def test_merged_sharded_ivf_index_equals_one_built_in_one_process(ray_cluster, tmp_path):
+    from metrank.errors import StateError
     from metrank.index import create_index
     from metrank.scale.index import build_index, load_index, to_retriever
     from metrank.search import Retriever
@@ -125,6 +127,17 @@ def test_merged_sharded_ivf_index_equals_one_built_in_one_process(ray_cluster, t
         served.index.nprobe = 4
         assert len(served) == 3000
         np.testing.assert_array_equal(served.index.search(x[:300], 10)[1], expected_ids)
+    # a served on-disk build owns its copy of the lists (beside its index.faiss) and refuses adds, never touching the
+    # build: the build folder can go, and nothing acknowledged is half-written
+    lists = (tmp_path / "moved" / "index.ivfdata").read_bytes()
+    served = Retriever.load(str(tmp_path / "served-moved"), device="cpu")
+    with pytest.raises(StateError, match="read-only"):
+        served.add(vectors=x[:2], ids=[5000, 5001])
+    assert (tmp_path / "moved" / "index.ivfdata").read_bytes() == lists and len(served) == 3000
+    shutil.rmtree(tmp_path / "moved")
+    served = Retriever.load(str(tmp_path / "served-moved"), device="cpu")
+    served.index.nprobe = 4
+    np.testing.assert_array_equal(served.index.search(x[:300], 10)[1], expected_ids)
 
 
 def test_sharded_index_bad_input_and_interrupted_build(ray_cluster, tmp_path):

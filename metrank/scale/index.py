@@ -36,7 +36,7 @@ from faiss.contrib.ondisk import merge_ondisk
 
 from metrank.atomic import atomic_path, atomic_write_text
 from metrank.errors import ConfigError, InputError, MissingFileError, StateError
-from metrank.index import Index, create_index
+from metrank.index import LISTS_SUFFIX, Index, create_index, on_disk_lists
 from metrank.scale.cluster import connect
 from metrank.scale.shards import check_shard_dims, read_shard, read_shard_ids, read_shards, shard_files
 from metrank.search import Retriever
@@ -44,26 +44,9 @@ from metrank.search.snapshot import resolve_model
 from metrank.search.store import MODALITIES, ItemStore
 
 INDEX_FILE = "index.faiss"
-IVFDATA_FILE = "index.ivfdata"
+IVFDATA_FILE = "index" + LISTS_SUFFIX  # beside INDEX_FILE, where Index.load maps it from
 PARTS_DIR = "parts"
 MARKER = "COMPLETE.json"
-
-
-class OnDiskIndex(Index):
-    """An :class:`metrank.index.Index` whose inverted lists are a read-only memory map of ``index.ivfdata``: it
-    searches like any IVF index; adding or removing refuses (FAISS would abort the process on a read-only map)."""
-
-    def add(self, x: Any, ids: Any = None) -> np.ndarray:
-        raise StateError(self._read_only())
-
-    def remove_ids(self, ids: Any) -> int:
-        raise StateError(self._read_only())
-
-    def _read_only(self) -> str:
-        return (
-            f"the on-disk index {self.spec!r} is read-only (its lists are a shared memory map of {IVFDATA_FILE}); "
-            "add the items to the embedding shards and rebuild with metrank.scale.index.build_index"
-        )
 
 
 def _filled(trained: bytes, path: str, dim: int) -> tuple[Any, int]:
@@ -88,12 +71,6 @@ def _add_shard_to_file(trained: bytes, path: str, dim: int, part: str) -> int:
     return rows
 
 
-def _lists(index: Any) -> Any:
-    """The (on-disk) inverted lists of an IVF index, as their own FAISS class."""
-    ivf: Any = faiss.extract_index_ivf(index)
-    return faiss.downcast_InvertedLists(ivf.invlists)
-
-
 def _merge_to_disk(trained: bytes, parts: list[str], out_dir: str) -> int:
     """Ray task: merge the part files' inverted lists into ``out_dir/index.ivfdata`` and write ``index.faiss``
     pointing at it; returns the number of vectors."""
@@ -101,7 +78,7 @@ def _merge_to_disk(trained: bytes, parts: list[str], out_dir: str) -> int:
     ivfdata = os.path.abspath(os.path.join(out_dir, IVFDATA_FILE))
     with atomic_path(ivfdata) as tmp:  # a reader of an older build keeps its mapped (replaced) file
         merge_ondisk(index, parts, tmp)
-        _lists(index).filename = ivfdata  # the name index.faiss records; load_index maps the file beside it anyway
+        on_disk_lists(index).filename = ivfdata  # the name index.faiss records; Index.load maps the file beside it
     with atomic_path(os.path.join(out_dir, INDEX_FILE)) as tmp:
         faiss.write_index(index, tmp)
     return int(index.ntotal)
@@ -258,27 +235,14 @@ def _read_info(out_dir: str) -> dict[str, Any]:
         return json.load(f)
 
 
-def _load_on_disk(out_dir: str, info: dict[str, Any], device: str) -> Index:
-    """``index.faiss`` read without its lists, which are then mapped read-only from the ``index.ivfdata`` beside
-    it (wherever the folder has moved since the build)."""
-    ivfdata = os.path.abspath(os.path.join(out_dir, IVFDATA_FILE))
-    if not os.path.isfile(ivfdata) or os.path.getsize(ivfdata) != info["ivfdata_bytes"]:
-        raise StateError(f"{ivfdata!r} is missing or not the file {MARKER} describes; rebuild the index")
-    cpu = faiss.read_index(os.path.join(out_dir, INDEX_FILE), faiss.IO_FLAG_SKIP_IVF_DATA | faiss.IO_FLAG_READ_ONLY)
-    lists = _lists(cpu)
-    lists.filename = ivfdata
-    lists.do_mmap()
-    return OnDiskIndex(cpu, spec=info["spec"], device=device)
-
-
 def load_index(out_dir: str, device: str = "auto") -> Index:
-    """The index a completed :func:`build_index` wrote (on-disk merge: an :class:`OnDiskIndex` mapping
+    """The index a completed :func:`build_index` wrote (on-disk merge: read-only, its lists mapped from
     ``index.ivfdata``); ``StateError`` for an unfinished build."""
     info = _read_info(out_dir)
-    if info.get("on_disk"):
-        index = _load_on_disk(out_dir, info, device)
-    else:
-        index = Index.load(os.path.join(out_dir, INDEX_FILE), device=device)
+    ivfdata = os.path.join(out_dir, IVFDATA_FILE)
+    if info.get("on_disk") and (not os.path.isfile(ivfdata) or os.path.getsize(ivfdata) != info["ivfdata_bytes"]):
+        raise StateError(f"{os.path.abspath(ivfdata)!r} is missing or not the file {MARKER} describes; rebuild it")
+    index = Index.load(os.path.join(out_dir, INDEX_FILE), device=device, spec=info["spec"])
     if index.ntotal != info["ntotal"] or index.dim != info["dim"]:
         raise StateError(f"{out_dir!r}: the index file does not match {MARKER}; rebuild it")
     return index
@@ -287,9 +251,8 @@ def load_index(out_dir: str, device: str = "auto") -> Index:
 def to_retriever(out_dir: str, model: Any = None, modality: str = "vector", device: str = "auto") -> Retriever:
     """A :class:`metrank.search.Retriever` over a completed build: the merged index as its index, the shards' rows
     (ids, vectors, sources as image paths or texts) as its items; ``retriever.save(folder)`` then makes a folder
-    ``metrank serve`` loads (from an on-disk build, that folder's index reads ``out_dir/index.ivfdata`` in place:
-    keep ``out_dir``, and rebuild into a new one). ``model``: the model that made the embeddings (for text/image
-    queries), or ``None``."""
+    ``metrank serve`` loads (from an on-disk build: read-only, with its own copy of ``index.ivfdata``, so the build
+    folder may go). ``model``: the model that made the embeddings (for text/image queries), or ``None``."""
     index = load_index(out_dir, device)
     info = _read_info(out_dir)
     ids, vectors, sources = read_shards(info["shards"])
