@@ -312,11 +312,7 @@ class Index:
             raise MissingFileError(f"no index file at {path!r}")
         index = _read_with_on_disk_lists(path) if os.path.isfile(lists_file(path)) else None
         index = faiss.read_index(path) if index is None else index
-        if (
-            index.ntotal == 0
-            and faiss.try_extract_index_ivf(index) is None
-            and not hasattr(faiss.downcast_index(index), "id_map")
-        ):
+        if index.ntotal == 0 and not _stores_ids(index) and not hasattr(faiss.downcast_index(index), "id_map"):
             index = faiss.IndexIDMap2(index)
         return cls(index, spec=spec, device=device, gpu_mode=gpu_mode)
 
@@ -389,9 +385,18 @@ def create_index(
             f"invalid index spec {spec!r}: not a short name ({', '.join(INDEX_SPECS.names())}) nor a "
             f"FAISS factory string FAISS accepts ({err.args[0].splitlines()[-1]})"
         ) from None
-    if faiss.try_extract_index_ivf(index) is None:
+    if not _stores_ids(index):
         index = faiss.IndexIDMap2(index)
     return Index(index, spec=factory, device=device, gpu_mode=gpu_mode)
+
+
+def _stores_ids(index: faiss.Index) -> bool:
+    """Whether the index keeps 64-bit ids itself: an IVF index (its inverted lists), also behind pre-transforms --
+    not behind a refine wrapper, whose exact copy has none. Every other index is wrapped in ``IndexIDMap2``."""
+    index = faiss.downcast_index(index)
+    while isinstance(index, faiss.IndexPreTransform):
+        index = faiss.downcast_index(index.index)
+    return isinstance(index, faiss.IndexIVF)
 
 
 # ---- sizing -------------------------------------------------------------------------------------------------------

@@ -89,6 +89,30 @@ def test_hnsw_removal_is_a_clear_error_and_efsearch_is_settable():
         index.nprobe = 4
 
 
+def test_refined_ivf_pq_takes_64bit_ids_and_reranks_exactly(tmp_path):
+    # IVF-PQ candidates re-ranked by exact distances (RFlat): the refine wrapper stores no ids of its own
+    x = data(n=800, d=16)
+    ids = np.arange(len(x), dtype=np.int64) * 3 + 2**40
+    index = create_index("IVF8,PQ4x4,RFlat", dim=16, device="cpu")
+    index.train(x)
+    index.add(x, ids)
+    index.nprobe = 8
+    scores, found = index.search(x[:50], 5)
+    raw = faiss.index_factory(16, "IVF8,PQ4x4,RFlat", faiss.METRIC_INNER_PRODUCT)  # FAISS alone, ids 0..n-1
+    raw.train(x)
+    raw.add(x)
+    faiss.extract_index_ivf(raw).nprobe = 8
+    raw_scores, raw_rows = raw.search(x[:50], 5)
+    np.testing.assert_array_equal(found, ids[raw_rows])
+    np.testing.assert_array_equal(scores, raw_scores)
+    rows = np.searchsorted(ids, found)  # the re-ranked scores are exact inner products
+    np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", x[:50], x[rows]), rtol=1e-5)
+    index.save(str(tmp_path / "refined.faiss"))
+    loaded = Index.load(str(tmp_path / "refined.faiss"), device="cpu")
+    loaded.nprobe = 8
+    np.testing.assert_array_equal(loaded.search(x[:50], 5)[1], found)
+
+
 @pytest.mark.parametrize(
     "spec, kwargs",
     [("Flat", {}), ("ivf_flat", {"nlist": 8}), ("HNSW16", {}), ("ivf_pq", {"nlist": 8, "nbits": 4}), ("PQ4x4", {})],
