@@ -299,6 +299,7 @@ def plot_train_vs_heldout(path: Path, rows: Sequence[dict[str, Any]], key: str =
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, len(rows), figsize=(3.6 * len(rows), 3.4), sharey=True, squeeze=False)
     for ax, row in zip(axes[0], rows):
@@ -309,6 +310,7 @@ def plot_train_vs_heldout(path: Path, rows: Sequence[dict[str, Any]], key: str =
         ax.axhline(float(row["final"][key]), color="gray", linestyle=":", label="test, final")
         ax.set_title(row["name"])
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0][0].set_ylabel(f"{key} (%)")
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"emoji {key}: training identities vs held-out identities per epoch")
@@ -319,11 +321,13 @@ def plot_train_vs_heldout(path: Path, rows: Sequence[dict[str, Any]], key: str =
 
 def run_suite(args: argparse.Namespace) -> int:
     runs = Path(args.runs)
-    rows = [
-        run_dir_result(name, config, overrides, runs, args.set)
-        for name, config, overrides in SUITES[args.suite]
-        if not args.only or name in args.only
-    ]
+    rows = []
+    for name, config, overrides in SUITES[args.suite]:
+        if args.only and name not in args.only:
+            continue
+        if args.epochs:  # another budget: every run of the suite at --epochs
+            overrides = [o for o in overrides if not o.startswith("train.epochs=")] + [f"train.epochs={args.epochs}"]
+        rows.append(run_dir_result(name, config, overrides, runs, args.set))
     print(suite_table(rows))
     if args.curves:
         plot_train_vs_heldout(Path(args.curves), rows)
