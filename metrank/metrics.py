@@ -445,10 +445,11 @@ def shard_rank_counts(
     _check_metric(metric)
     if len(relevant.n_relevant) != len(query):
         raise InputError(f"relevant items are for {len(relevant.n_relevant)} queries, got {len(query)} queries")
-    counter = _RankCounter(query, relevant, shard, offset, _query_index(query_index, len(query)), metric, device)
+    self_index = _query_index(query_index, len(query))
+    counter = _RankCounter(query, relevant, shard, offset, self_index, metric, device, rank_cap)
     todo = np.flatnonzero(relevant.n_kept > 0)
     for start in range(0, len(todo), counter.block_rows):
-        counter.scan(todo[start : start + counter.block_rows], rank_cap)
+        counter.scan(todo[start : start + counter.block_rows])
     return counter.counts
 
 
@@ -458,9 +459,9 @@ def _leave_one_out_counts(
     """``shard_rank_counts`` of the set ``x`` against itself (query i is gallery row i), computing each tile of the
     symmetric score matrix once: tile (rows I, columns J past I) counts for the rows I as it is and, transposed, for
     the rows J. Half the GEMM work of the general path; the same counts."""
-    counter = _RankCounter(x, relevant, x, 0, np.arange(len(x)), metric, device, symmetric=True)
+    counter = _RankCounter(x, relevant, x, 0, np.arange(len(x)), metric, device, rank_cap, symmetric=True)
     for rows in _chunks(len(x), counter.block_rows, progress, "rank counts"):
-        counter.scan(np.arange(rows.start, rows.stop), rank_cap)
+        counter.scan(np.arange(rows.start, rows.stop))
     return counter.counts
 
 
@@ -477,6 +478,7 @@ class _RankCounter:
         self_index: np.ndarray,
         metric: str,
         device: str,
+        rank_cap: int | None,
         symmetric: bool = False,
     ) -> None:
         self.query, self.relevant, self.shard, self.metric, self.symmetric = query, relevant, shard, metric, symmetric
@@ -500,16 +502,16 @@ class _RankCounter:
             self.lo_keys = np.sort(_row_keys(query_of, self.lo[self.held]))
             self.first = np.cumsum(self.kept) - self.kept
         self.counts = np.zeros((n_q, width), np.int64)
+        self.caps = rank_caps(relevant, rank_cap)
         self.below_cap = self.kept.copy()  # relevant items (a prefix) not yet known to rank at or beyond the cap
         self.device = resolve_device(device)
         self.g = torch.from_numpy(shard).to(self.device)
         self.g_sq = (self.g * self.g).sum(1) if metric == "l2" else None
         self.tile = torch.empty(0, device=self.device)  # reused: no page faults per tile
 
-    def scan(self, rows: np.ndarray, rank_cap: int | None) -> None:
+    def scan(self, rows: np.ndarray) -> None:
         """Count the shard's columns for the query rows ``rows``. Symmetric: ``rows`` are consecutive, only the columns
         from ``rows[0]`` on are scored, and those past ``rows[-1]`` count for their own rows too, transposed."""
-        caps = rank_caps(self.relevant, rank_cap)
         q = torch.from_numpy(self.query[rows]).to(self.device)
         q_sq = (q * q).sum(1)[:, None] if self.g_sq is not None else None
         if self.tile.numel() < len(rows) * TILE_COLUMNS:
@@ -521,14 +523,12 @@ class _RankCounter:
             s = torch.matmul(q, self.g[col:stop].T, out=self.tile[: len(rows) * (stop - col)].view(len(rows), -1))
             if self.g_sq is not None and q_sq is not None:  # negated squared distance
                 s.mul_(2).sub_(self.g_sq[None, col:stop]).sub_(q_sq)
-            self._count(rows, s, col, caps)
+            self._count(rows, s, col)
             past = max(col, int(rows[-1]) + 1)
             if self.symmetric and past < stop:  # the -inf the rows' own skips left there are skips of these rows too
-                self._count(np.arange(past, stop), s[:, past - col :], start, caps, transposed=True)
+                self._count(np.arange(past, stop), s[:, past - col :], start, transposed=True)
 
-    def _count(
-        self, rows: np.ndarray, s: torch.Tensor, col: int, caps: np.ndarray | None, transposed: bool = False
-    ) -> None:
+    def _count(self, rows: np.ndarray, s: torch.Tensor, col: int, transposed: bool = False) -> None:
         """Add score tile ``s`` (query rows ``rows`` x shard columns ``col ..``; ``transposed``: ``s.T`` is that tile)
         to the counts of those rows."""
         relevant, width = self.relevant, self.relevant.index.shape[1]
@@ -557,8 +557,8 @@ class _RankCounter:
         slots = np.arange(width)[None, :]
         need = self.kept[rows][:, None] - slots
         self.counts[rows] += np.where(need > 0, np.take_along_axis(suffix, np.clip(need, 0, width), 1), 0)
-        if caps is not None:  # p + counts[p] rises with p: the items below the cap stay a prefix
-            self.below_cap[rows] = (self.held[rows] & (slots + self.counts[rows] < caps[rows][:, None])).sum(1)
+        if self.caps is not None:  # p + counts[p] rises with p: the items below the cap stay a prefix
+            self.below_cap[rows] = (self.held[rows] & (slots + self.counts[rows] < self.caps[rows][:, None])).sum(1)
 
     def _bounds_below(self, query_of: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per candidate (its query, its float32 tile score): how many of the query's kept relevant items it surely
